@@ -1,0 +1,455 @@
+"""The decoder-only transformer: GPT-2/GPT-3 and LLaMA families by config, plus presets.
+
+Legend: B batch, T query time, S key time (cache length), D model width, H query heads,
+K key/value heads, Q head dim, F ffn width, V vocabulary, L layers.
+
+The module is a Flax NNX module used purely functionally: `split(cfg)` gives its static graph and a
+params pytree (a plain nested dict of arrays), and `apply(graphdef, params, ...)` is a pure function
+of pytrees that every jitted function (losses, train step, sampler) calls. Layers are stored stacked
+(a leading L axis on every block parameter) and run with `jax.lax.scan` (or fully unrolled), so the
+parameter layout is the same whatever the loop choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt_jax import sharding
+from gpt_jax.errors import ConfigError
+
+Array = jax.Array
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of one transformer. 0 in num_kv_heads / d_ff / head_dim means "derive it"."""
+
+  family: str = "gpt2"  # only a label; every behaviour below is its own key
+  vocab_size: int = 4096
+  max_seq_len: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: same as num_heads (multi-head attention); fewer: grouped-query attention
+  d_model: int = 256
+  d_ff: int = 0  # 0: 4 * d_model
+  head_dim: int = 0  # 0: d_model // num_heads
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  pos_emb: str = "learned"  # learned | rope
+  rope_theta: float = 10000.0
+  mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype of matmuls (bfloat16 on accelerators)
+  param_dtype: str = "float32"  # master weights
+  scan_layers: bool = True  # lax.scan over layers (fast compile) or fully unrolled
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch
+  attention_impl: str = "auto"  # auto (cuDNN flash attention where possible) | xla | cudnn
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  @property
+  def q_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def validate(self) -> ModelConfig:
+    """Raises ConfigError naming the first bad key (as `model.<key>`)."""
+
+    def bad(key, msg):
+      raise ConfigError(f"model.{key}: {msg}")
+
+    for key in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "d_model"):
+      if int(getattr(self, key)) <= 0:
+        bad(key, f"must be positive, got {getattr(self, key)}")
+    for key in ("num_kv_heads", "d_ff", "head_dim"):
+      if int(getattr(self, key)) < 0:
+        bad(key, f"must be >= 0 (0 derives it), got {getattr(self, key)}")
+    if not self.head_dim and self.d_model % self.num_heads:
+      bad("num_heads", f"{self.num_heads} does not divide d_model={self.d_model}")
+    if self.num_heads % self.kv_heads:
+      bad("num_kv_heads", f"{self.kv_heads} does not divide num_heads={self.num_heads}")
+    choices = {
+        "norm": ("layernorm", "rmsnorm"),
+        "pos_emb": ("learned", "rope"),
+        "mlp": ("gelu", "swiglu"),
+        "dtype": ("float32", "bfloat16", "float16"),
+        "param_dtype": ("float32", "bfloat16"),
+        "remat_policy": tuple(REMAT_POLICIES),
+        "attention_impl": ("auto", "xla", "cudnn"),
+    }
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        bad(key, f"must be one of {allowed}, got {getattr(self, key)!r}")
+    if self.pos_emb == "rope" and self.q_dim % 2:
+      bad("head_dim", f"rotary embeddings need an even head dim, got {self.q_dim}")
+    if self.init_std <= 0 or self.norm_eps <= 0:
+      bad("init_std" if self.init_std <= 0 else "norm_eps", "must be positive")
+    return self
+
+  @classmethod
+  def from_config(cls, cfg) -> ModelConfig:
+    """From an ml_collections ConfigDict or a dict; unknown keys raise ConfigError."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f"model.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    return cls(**d).validate()
+
+
+_GPT2 = dict(family="gpt2", vocab_size=50257, max_seq_len=1024, norm="layernorm", pos_emb="learned",
+             mlp="gelu", use_bias=True, tie_embeddings=True)
+_LLAMA = dict(family="llama", vocab_size=32000, max_seq_len=2048, norm="rmsnorm", norm_eps=1e-6,
+              pos_emb="rope", mlp="swiglu", use_bias=False, tie_embeddings=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 (Radford et al. 2019) and GPT-3 (Brown et al. 2020, table 2.1).
+    "gpt2_124m": dict(_GPT2, num_layers=12, num_heads=12, d_model=768),
+    "gpt2_350m": dict(_GPT2, num_layers=24, num_heads=16, d_model=1024),
+    "gpt2_774m": dict(_GPT2, num_layers=36, num_heads=20, d_model=1280),
+    "gpt2_1558m": dict(_GPT2, num_layers=48, num_heads=25, d_model=1600),
+    "gpt3_175b": dict(_GPT2, max_seq_len=2048, num_layers=96, num_heads=96, d_model=12288),
+    # LLaMA (Touvron et al. 2023, table 2) and a 1.1B LLaMA-shaped model with grouped-query attention.
+    "llama_1b": dict(_LLAMA, num_layers=22, num_heads=32, num_kv_heads=4, d_model=2048, d_ff=5632),
+    "llama_7b": dict(_LLAMA, num_layers=32, num_heads=32, d_model=4096, d_ff=11008),
+    "llama_13b": dict(_LLAMA, num_layers=40, num_heads=40, d_model=5120, d_ff=13824),
+    "llama_33b": dict(_LLAMA, num_layers=60, num_heads=52, d_model=6656, d_ff=17920),
+    "llama_65b": dict(_LLAMA, num_layers=80, num_heads=64, d_model=8192, d_ff=22016),
+    # Small models for CPU runs and tests.
+    "cpu_bench": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=6, num_heads=6, d_model=384),
+    "tiny": dict(_LLAMA, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                 d_model=128, d_ff=384),
+    "tiny_gpt2": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, d_model=128),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"model preset {name!r} is unknown; known: {', '.join(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+
+
+# --- layers -----------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
+  """A parameter with its logical axis names; std None means ones, 0.0 means zeros."""
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  elif std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Norm(nnx.Module):
+  """LayerNorm (with bias when use_bias) or RMSNorm; statistics in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.rms = cfg.norm == "rmsnorm"
+    self.eps = cfg.norm_eps
+    self.scale = _param(rngs, (cfg.d_model,), ("norm",), None, pd)
+    self.bias = _param(rngs, (cfg.d_model,), ("norm",), 0.0, pd) if (cfg.use_bias and not self.rms) else None
+
+  def __call__(self, x_BTD: Array) -> Array:
+    x = x_BTD.astype(jnp.float32)
+    if self.rms:
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    else:
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+def rope(x_BTNQ: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary position embedding, half-split convention (as LLaMA checkpoints in Hugging Face form)."""
+  q = x_BTNQ.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, q, 2, dtype=jnp.float32) / q))
+  angles_BTq = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  sin = jnp.sin(angles_BTq)[:, :, None, :]
+  cos = jnp.cos(angles_BTq)[:, :, None, :]
+  x = x_BTNQ.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNQ.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, Q = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.q_dim
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_layers)  # residual projections scaled as in GPT-2
+    self.wq = _param(rngs, (D, H, Q), ("embed", "heads", "head_dim"), std, pd)
+    self.wk = _param(rngs, (D, K, Q), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = _param(rngs, (D, K, Q), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = _param(rngs, (H, Q, D), ("heads", "head_dim", "embed"), out_std, pd)
+    if cfg.use_bias:
+      self.bq = _param(rngs, (H, Q), ("heads", "head_dim"), 0.0, pd)
+      self.bk = _param(rngs, (K, Q), ("kv_heads", "head_dim"), 0.0, pd)
+      self.bv = _param(rngs, (K, Q), ("kv_heads", "head_dim"), 0.0, pd)
+      self.bo = _param(rngs, (D,), ("norm",), 0.0, pd)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv, cache_index):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    q_BTHQ = jnp.einsum("btd,dhq->bthq", x_BTD, self.wq[...].astype(dt))
+    k_BTKQ = jnp.einsum("btd,dkq->btkq", x_BTD, self.wk[...].astype(dt))
+    v_BTKQ = jnp.einsum("btd,dkq->btkq", x_BTD, self.wv[...].astype(dt))
+    if cfg.use_bias:
+      q_BTHQ = q_BTHQ + self.bq[...].astype(dt)
+      k_BTKQ = k_BTKQ + self.bk[...].astype(dt)
+      v_BTKQ = v_BTKQ + self.bv[...].astype(dt)
+    if cfg.pos_emb == "rope":
+      q_BTHQ = rope(q_BTHQ, positions_BT, cfg.rope_theta)
+      k_BTKQ = rope(k_BTKQ, positions_BT, cfg.rope_theta)
+    q_BTHQ = sharding.constrain(q_BTHQ, ("batch", "act_seq", "act_heads", None))
+    new_cache = None
+    if cache_kv is not None:
+      k_cache, v_cache = cache_kv
+      k_BTKQ = jax.lax.dynamic_update_slice(k_cache, k_BTKQ.astype(k_cache.dtype), (0, cache_index, 0, 0))
+      v_BTKQ = jax.lax.dynamic_update_slice(v_cache, v_BTKQ.astype(v_cache.dtype), (0, cache_index, 0, 0))
+      new_cache = (k_BTKQ, v_BTKQ)
+      k_BTKQ, v_BTKQ = k_BTKQ.astype(dt), v_BTKQ.astype(dt)
+    impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+    if mask_BTS is None:
+      out_BTHQ = jax.nn.dot_product_attention(q_BTHQ, k_BTKQ, v_BTKQ, is_causal=True, implementation=impl)
+    else:
+      out_BTHQ = jax.nn.dot_product_attention(
+          q_BTHQ, k_BTKQ, v_BTKQ, mask=mask_BTS[:, None, :, :], implementation=impl
+      )
+    y_BTD = jnp.einsum("bthq,hqd->btd", out_BTHQ, self.wo[...].astype(dt))
+    if cfg.use_bias:
+      y_BTD = y_BTD + self.bo[...].astype(dt)
+    return y_BTD, new_cache
+
+
+class Mlp(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, F = cfg.d_model, cfg.ffn_dim
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    if cfg.mlp == "swiglu":
+      self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
+    self.w_up = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
+    self.w_down = _param(rngs, (F, D), ("mlp", "embed"), out_std, pd)
+    if cfg.use_bias:
+      self.b_up = _param(rngs, (F,), ("mlp",), 0.0, pd)
+      self.b_down = _param(rngs, (D,), ("norm",), 0.0, pd)
+
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    h_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_up[...].astype(dt))
+    if cfg.use_bias:
+      h_BTF = h_BTF + self.b_up[...].astype(dt)
+    if cfg.mlp == "swiglu":
+      gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_gate[...].astype(dt))
+      h_BTF = jax.nn.silu(gate_BTF) * h_BTF
+    else:
+      h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+    h_BTF = sharding.constrain(h_BTF, ("batch", "act_seq", "act_mlp"))
+    y_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt))
+    if cfg.use_bias:
+      y_BTD = y_BTD + self.b_down[...].astype(dt)
+    return y_BTD
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
+    h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, cache_kv, cache_index)
+    x_BTD = x_BTD + h_BTD
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return sharding.constrain(x_BTD, ("batch", "act_seq", "act_embed")), new_cache
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Output(NamedTuple):
+  logits: Array | None  # (B, T, V) in the compute dtype; None when compute_logits=False
+  hidden: Array  # (B, T, D) final hidden states after the last norm (reward/value heads read these)
+  cache: dict | None  # updated KV cache when one was given
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std, pd)
+    if cfg.pos_emb == "learned":
+      self.pos_embed = _param(rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), std / 2, pd)
+    # Stacked blocks: build one block's state per layer key with vmap, then merge into one module
+    # whose every parameter has a leading L axis.
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    block_graph = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    stacked = jax.vmap(lambda k: nnx.state(Block(cfg, rngs=nnx.Rngs(k))))(keys)
+    self.blocks = nnx.merge(block_graph, stacked)
+    self.final_norm = Norm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
+
+  def __call__(
+      self,
+      inputs_BT: Array,
+      positions_BT: Array | None = None,
+      segment_ids_BT: Array | None = None,
+      *,
+      attn_mask_BTS: Array | None = None,
+      cache: dict | None = None,
+      cache_index: Array | int | None = None,
+      compute_logits: bool = True,
+  ) -> Output:
+    """Runs the model.
+
+    Attention is causal; with segment_ids, tokens attend only within their own segment (packed
+    documents). For cached decoding pass `cache` (from `init_cache`), the write offset `cache_index`
+    and an explicit boolean `attn_mask_BTS` over the cache's S slots.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    B, T = inputs_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_BTS = attn_mask_BTS
+    if mask_BTS is None and segment_ids_BT is not None:
+      causal_TT = jnp.tril(jnp.ones((T, T), bool))
+      mask_BTS = causal_TT & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    x_BTD = jnp.take(self.embed[...], inputs_BT, axis=0).astype(dt)
+    if cfg.pos_emb == "learned":
+      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
+    x_BTD = sharding.constrain(x_BTD, ("batch", "act_seq", "act_embed"))
+
+    block_graph, block_params = nnx.split(self.blocks)
+
+    def layer(x_BTD, xs):
+      params, cache_kv = xs
+      block = nnx.merge(block_graph, params)
+      x_BTD, new_cache = block(x_BTD, positions_BT, mask_BTS, cache_kv, cache_index)
+      return x_BTD, new_cache
+
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+    cache_xs = None if cache is None else (cache["k"], cache["v"])
+    x_BTD, new_kv = jax.lax.scan(
+        layer, x_BTD, (block_params, cache_xs), unroll=1 if cfg.scan_layers else cfg.num_layers
+    )
+    hidden_BTD = self.final_norm(x_BTD)
+    logits_BTV = None
+    if compute_logits:
+      if cfg.tie_embeddings:
+        logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, self.embed[...].astype(dt))
+      else:
+        logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head[...].astype(dt))
+      logits_BTV = sharding.constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    return Output(logits_BTV, hidden_BTD, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+  """An empty KV cache: {"k", "v"} each (L, B, S, K, Q)."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.q_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# --- functional interface ------------------------------------------------------------------------
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def split(cfg: ModelConfig, seed: int | Array = 0):
+  """Builds the model and returns (graphdef, params): params a nested dict of arrays."""
+  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  model = Transformer(cfg, rngs=nnx.Rngs(params=key))
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract(cfg: ModelConfig):
+  """(graphdef, params as ShapeDtypeStructs, logical axes per param) without allocating anything."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  shapes = nnx.to_pure_dict(state)
+
+  def axes_of(path, var):
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.get_value().shape)
+    return ("layers", *axes) if path[0] == "blocks" else axes
+
+  flat = {path: axes_of(path, v) for path, v in nnx.to_flat_state(state)}
+  axes = _unflatten(flat)
+  return graphdef, shapes, axes
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+def apply(graphdef, params, inputs_BT, positions_BT=None, segment_ids_BT=None, **kwargs) -> Output:
+  """Pure forward pass: params pytree in, Output out."""
+  return nnx.merge(graphdef, params)(inputs_BT, positions_BT, segment_ids_BT, **kwargs)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  _, shapes, _ = abstract(cfg)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def flops_param_count(cfg: ModelConfig) -> int:
+  """Parameters that take part in matrix products per token (excludes embedding lookups)."""
+  n = param_count(cfg)
+  if cfg.pos_emb == "learned":
+    n -= cfg.max_seq_len * cfg.d_model
+  if not cfg.tie_embeddings:  # the input embedding is a lookup; the untied head is a product
+    n -= cfg.vocab_size * cfg.d_model
+  return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+  """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T (forward + backward)."""
+  T = seq_len or cfg.max_seq_len
+  return 6 * flops_param_count(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.q_dim * T

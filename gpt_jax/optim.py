@@ -1,0 +1,64 @@
+"""The optax chain from config: global-norm clipping, AdamW with a weight-decay mask, and a
+linear-warmup + cosine-decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from gpt_jax.errors import ConfigError
+
+
+def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to lr_peak over warmup_steps, then cosine decay to lr_peak * lr_end_ratio
+  at decay_steps (0 means total_steps), constant after."""
+  decay_steps = int(optim_cfg.decay_steps) or int(total_steps)
+  warmup = int(optim_cfg.warmup_steps)
+  if warmup >= decay_steps:
+    raise ConfigError(f"optim.warmup_steps: {warmup} must be smaller than the decay steps ({decay_steps})")
+  if optim_cfg.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim_cfg.lr_peak, max(warmup, 1)), optax.constant_schedule(optim_cfg.lr_peak)],
+        [warmup],
+    )
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=float(optim_cfg.lr_peak),
+      warmup_steps=warmup,
+      decay_steps=decay_steps,
+      end_value=float(optim_cfg.lr_peak) * float(optim_cfg.lr_end_ratio),
+  )
+
+
+def decay_mask(axes):
+  """True for matrices that get weight decay: not norms, biases, or embeddings (input or positional)."""
+
+  def want(path, ax):
+    names = [getattr(p, "key", str(p)) for p in path]
+    if names and names[0] in ("embed", "pos_embed"):
+      return False
+    ax = tuple(a for a in (ax or ()) if a != "layers")
+    return len(ax) >= 2
+
+  return jax.tree_util.tree_map_with_path(
+      want, axes, is_leaf=lambda a: isinstance(a, tuple) or a is None
+  )
+
+
+def make(optim_cfg, total_steps: int, params_axes) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule)."""
+  lr = schedule(optim_cfg, total_steps)
+  chain = []
+  if optim_cfg.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)))
+  chain.append(
+      optax.adamw(
+          learning_rate=lr,
+          b1=float(optim_cfg.b1),
+          b2=float(optim_cfg.b2),
+          eps=float(optim_cfg.eps),
+          weight_decay=float(optim_cfg.weight_decay),
+          mask=decay_mask(params_axes),
+      )
+  )
+  return optax.chain(*chain), lr

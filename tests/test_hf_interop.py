@@ -1,0 +1,306 @@
+"""Hugging Face interop: logit parity of imports, round trips through transformers, bad inputs, tokenizers."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import model as model_lib
+from gpt_jax import sharding
+from gpt_jax.errors import CheckpointError, ConfigError
+from gpt_jax.interop import hf
+
+torch = pytest.importorskip("torch", reason="torch (CPU build, test-only) is needed to build reference models")
+transformers = pytest.importorskip("transformers", reason="transformers (test-only) is needed for parity tests")
+
+MESH = {"data": 1, "fsdp": 4, "tensor": 2}  # 8 fake CPU devices: params really get sharded on import
+
+
+def _gpt2(tie=True):
+  cfg = transformers.GPT2Config(
+      vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tie,
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+  )
+  return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama(tie=False, head_dim=None):
+  cfg = transformers.LlamaConfig(
+      vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rope_theta=5000.0,
+      rms_norm_eps=1e-5, head_dim=head_dim, bos_token_id=1, eos_token_id=2,
+  )
+  return transformers.LlamaForCausalLM(cfg)
+
+
+MODELS = {
+    "gpt2_tied": lambda: _gpt2(True),
+    "gpt2_untied": lambda: _gpt2(False),
+    "llama_gqa_untied": lambda: _llama(False),
+    "llama_gqa_tied_headdim": lambda: _llama(True, head_dim=8),  # 4 heads x 8 != 64: explicit head_dim
+}
+
+
+def _build(name, seed=0):
+  """A random HF model in eval mode, fp32 eager attention, with every weight perturbed (norms, biases too)."""
+  torch.manual_seed(seed)
+  m = MODELS[name]()
+  with torch.no_grad():
+    for p in m.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  m.config._attn_implementation = "eager"
+  return m.eval()
+
+
+def _save(m, path, **kw):
+  m.save_pretrained(path, safe_serialization=True, **kw)
+  return str(path)
+
+
+def _tokens(vocab, shape=(2, 16), seed=1):
+  return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _hf_logits(m, tokens):
+  with torch.no_grad():
+    return m(torch.from_numpy(tokens).long()).logits.numpy()
+
+
+def _jax_out(cfg, params, tokens):
+  graphdef, _, _ = model_lib.abstract(cfg)
+  return model_lib.apply(graphdef, params, jax.numpy.asarray(tokens))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh(MESH)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_import_parity_and_export_round_trip(name, tmp_path, mesh):
+  ref = _build(name)
+  hf_dir = _save(ref, tmp_path / "hf")
+  cfg = hf.import_hf(hf_dir, str(tmp_path / "ckpt"), mesh_cfg=MESH)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["_INTEGRITY.json", "model_config.json", "state"]
+  cfg2, params = hf.load_imported(str(tmp_path / "ckpt"), mesh)
+  assert cfg2 == cfg
+  # Params land sharded by the rules: model width over fsdp, ffn width over tensor.
+  assert params["blocks"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+  tokens = _tokens(cfg.vocab_size)
+  want = _hf_logits(ref, tokens)
+  got = np.asarray(_jax_out(cfg, params, tokens).logits)
+  assert got.shape == want.shape
+  assert np.max(np.abs(got - want)) <= 1e-4
+
+  out = tmp_path / "export"
+  files = hf.export_hf(cfg, params, str(out))
+  assert "model.safetensors" in files
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+  assert type(back) is type(ref)
+  ref_sd, back_sd = ref.state_dict(), back.state_dict()
+  for k, v in ref_sd.items():
+    assert torch.equal(v, back_sd[k]), k
+  np.testing.assert_array_equal(_hf_logits(back, tokens), want)
+
+
+def test_import_matches_direct_load_and_bad_output_dir_is_kept(tmp_path):
+  """load_hf_params without a mesh equals the checkpointed import; an occupied output is refused, untouched."""
+  ref = _build("llama_gqa_untied")
+  hf_dir = _save(ref, tmp_path / "hf")
+  cfg = hf.config_from_hf(hf.read_hf_config(hf_dir))
+  params = hf.load_hf_params(hf_dir, cfg)
+  np.testing.assert_array_equal(
+      np.asarray(params["blocks"]["attn"]["wk"][1]),
+      ref.model.layers[1].self_attn.k_proj.weight.detach().numpy().T.reshape(64, 2, 16),
+  )
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "keep.txt").write_text("mine")
+  with pytest.raises(CheckpointError, match="occupied already exists and is not empty"):
+    hf.import_hf(hf_dir, str(occupied))
+  assert (occupied / "keep.txt").read_text() == "mine"
+
+
+def test_sharded_bf16_and_pytorch_bin_inputs(tmp_path, mesh):
+  ref = _build("llama_gqa_tied_headdim")
+  cfg = hf.config_from_hf(ref.config.to_dict())
+  base = hf.load_hf_params(_save(ref, tmp_path / "single"), cfg)
+  # Sharded safetensors with an index.
+  sharded = _save(ref, tmp_path / "sharded", max_shard_size="40KB")
+  assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+  got = hf.load_hf_params(sharded, cfg, mesh=mesh)
+  jax.tree.map(np.testing.assert_array_equal, got, base)
+  # PyTorch pickle.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  torch.save(ref.state_dict(), bin_dir / "pytorch_model.bin")
+  jax.tree.map(np.testing.assert_array_equal, hf.load_hf_params(str(bin_dir), cfg), base)
+  # bfloat16 weights (numpy has no bfloat16: read through the raw safetensors layout).
+  bf16 = _save(_build("llama_gqa_tied_headdim").to(torch.bfloat16), tmp_path / "bf16")
+  want = ref.model.layers[0].mlp.down_proj.weight.detach().to(torch.bfloat16).float().numpy().T
+  got = hf.load_hf_params(bf16, cfg)
+  np.testing.assert_array_equal(np.asarray(got["blocks"]["mlp"]["w_down"][0]), want)
+  # Export in several shards reloads in transformers.
+  out = tmp_path / "export"
+  files = hf.export_hf(cfg, base, str(out), max_shard_bytes=30_000)
+  assert "model.safetensors.index.json" in files and len(files) > 3
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+  tokens = _tokens(cfg.vocab_size)
+  np.testing.assert_array_equal(_hf_logits(back, tokens), _hf_logits(ref, tokens))
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])
+def test_reward_head_exports_as_sequence_classifier(name, tmp_path):
+  ref = _build(name)
+  cfg = hf.config_from_hf(ref.config.to_dict())
+  params = hf.load_hf_params(_save(ref, tmp_path / "hf"), cfg)
+  rng = np.random.default_rng(3)
+  head = {"w": rng.normal(size=(cfg.d_model,)).astype(np.float32), "b": np.float32(0.37)}
+  pad = cfg.vocab_size - 1
+  tokens = _tokens(cfg.vocab_size - 1, (3, 12))  # never the pad id, so the last token is scored
+  hidden = np.asarray(_jax_out(cfg, params, tokens).hidden)
+  want = hidden[:, -1] @ head["w"] + head["b"]
+
+  out = tmp_path / "rm"
+  hf.export_hf(cfg, params, str(out), reward_head=head, pad_id=pad)
+  config = json.loads((out / "config.json").read_text())
+  rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), attn_implementation="eager").eval()
+  assert type(rm).__name__.endswith("ForSequenceClassification") and rm.config.num_labels == 1
+  with torch.no_grad():
+    score = rm(torch.from_numpy(tokens).long()).logits.numpy()[:, 0]
+  # GPT-2 carries the bias exactly (folded into the final LayerNorm); LLaMA's score has no bias slot.
+  score = score + config.get("gpt_jax_score_bias", 0.0)
+  assert ("gpt_jax_score_bias" in config) == name.startswith("llama")
+  np.testing.assert_allclose(score, want, atol=1e-4, rtol=0)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def _write_config(path, config):
+  path.mkdir(exist_ok=True)
+  (path / "config.json").write_text(json.dumps(config))
+  return str(path)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"model_type": "bert", "architectures": ["BertModel"]}, "model_type 'bert'.*not supported"),
+        ({"model_type": "gpt2", "activation_function": "relu", "n_embd": 32}, "activation_function 'relu'"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"model_type": "llama", "attention_bias": True}, "attention_bias=True"),
+        ({"model_type": "llama", "hidden_size": 64}, "'num_attention_heads' is missing"),
+    ],
+)
+def test_unsupported_configs_are_named(tmp_path, config, match):
+  hf_dir = _write_config(tmp_path / "m", config)
+  with pytest.raises(ConfigError, match=match):
+    hf.import_hf(hf_dir, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_mismatched_weights_name_the_culprit(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  ref = _build("gpt2_tied")
+  hf_dir = tmp_path / "hf"
+  _save(ref, hf_dir)
+  config = hf.read_hf_config(str(hf_dir))
+
+  no_weights = _write_config(tmp_path / "no_weights", config)
+  with pytest.raises(CheckpointError, match="no weights"):
+    hf.import_hf(no_weights, str(tmp_path / "o1"))
+
+  lost_shard = _write_config(tmp_path / "lost_shard", config)
+  index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}
+  (tmp_path / "lost_shard" / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors listed in .* is missing"):
+    hf.import_hf(lost_shard, str(tmp_path / "o2"))
+
+  tensors = load_file(str(hf_dir / "model.safetensors"))
+  bad_shape = _write_config(tmp_path / "bad_shape", config)
+  save_file(
+      {**tensors, "transformer.h.1.mlp.c_fc.weight": np.zeros((32, 64), np.float32)},
+      os.path.join(bad_shape, "model.safetensors"), metadata={"format": "pt"},
+  )
+  with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 64\) but config.json implies \(32, 128\)"):
+    hf.import_hf(bad_shape, str(tmp_path / "o3"))
+
+  missing = _write_config(tmp_path / "missing", config)
+  del tensors["transformer.h.0.attn.c_proj.bias"]
+  save_file(tensors, os.path.join(missing, "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=r"tensor h\.0\.attn\.c_proj\.bias \(blocks/attn/bo\) is missing"):
+    hf.import_hf(missing, str(tmp_path / "o4"))
+  for i in range(1, 5):
+    assert not (tmp_path / f"o{i}").exists()
+
+
+def test_export_refuses_inexpressible_configs_and_occupied_dirs(tmp_path):
+  cfg = model_lib.preset("tiny_gpt2", num_layers=1, d_model=32, vocab_size=64, num_kv_heads=2)
+  params = model_lib.split(cfg)[1]
+  with pytest.raises(ConfigError, match="model.num_kv_heads: GPT-2 has no grouped-query attention"):
+    hf.export_hf(cfg, params, str(tmp_path / "a"))
+  cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=64, mlp="gelu")
+  with pytest.raises(ConfigError, match="matches neither GPT-2"):
+    hf.export_hf(cfg, model_lib.split(cfg)[1], str(tmp_path / "b"))
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  occupied = tmp_path / "c"
+  occupied.mkdir()
+  (occupied / "config.json").write_text("{}")
+  cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=64)
+  with pytest.raises(CheckpointError, match="already has config.json"):
+    hf.export_hf(cfg, model_lib.split(cfg)[1], str(occupied))
+  assert (occupied / "config.json").read_text() == "{}"
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Byte-level BPE: naïve café, 東京, emoji 🙂!"] * 20
+
+
+def test_byte_level_bpe_tokenizer(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package ships with transformers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  )
+  tok.train_from_iterator(TEXTS, trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+  wrapped = hf.load_hf_tokenizer(str(tmp_path))
+  assert wrapped.vocab_size == tok.get_vocab_size() and wrapped.eos_id == tok.token_to_id("<|endoftext|>") == 0
+  for text in TEXTS[:2] + ["unseen wörds ✓"]:
+    ids = wrapped.encode(text)
+    assert ids == tok.encode(text).ids
+    assert wrapped.decode(ids) == text
+  assert wrapped.decode([*wrapped.encode("a b"), wrapped.eos_id]) == "a b"
+
+
+def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
+  import sentencepiece as spm
+
+  (tmp_path / "corpus.txt").write_text("\n".join(TEXTS))
+  spm.SentencePieceTrainer.train(
+      input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+      model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+  )
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+  cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=sp.get_piece_size() + 4)
+  out = tmp_path / "export"
+  files = hf.export_hf(cfg, model_lib.split(cfg)[1], str(out), tokenizer_model=str(tmp_path / "sp.model"), eos_id=2)
+  assert "tokenizer.model" in files
+  wrapped = hf.load_hf_tokenizer(str(out))
+  assert (wrapped.vocab_size, wrapped.eos_id, wrapped.bos_id) == (sp.get_piece_size(), 2, 1)
+  assert wrapped.encode(TEXTS[0]) == sp.encode(TEXTS[0])
+  assert wrapped.decode(wrapped.encode(TEXTS[0])) == TEXTS[0]
+  with pytest.raises(Exception, match="neither tokenizer.model nor tokenizer.json"):
+    hf.load_hf_tokenizer(str(tmp_path))
+  shutil.rmtree(out)
