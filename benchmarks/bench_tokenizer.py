@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt_jax.data import default_data_config, prepare, shards
+from gpt_jax.data import default_data_config, pipeline, prepare, shards
 from gpt_jax.data.sources import parse_sources, resolve_files
 
 
@@ -91,23 +91,11 @@ def main():
 
 
 def _build_all(pool, tok, jobs, files, cfg, out):
-  for src, sp in jobs:
-    split_dir = os.path.join(out, sp)
-    man = {"sources": {}}
-    entry = man["sources"].setdefault(src.name, {"shards": []})
-    shards.build_source_split(
-      pool,
-      tok,
-      src,
-      files[src.name],
-      sp,
-      split_dir,
-      entry,
-      shard_tokens=int(cfg.shard_tokens),
-      eval_fraction=float(cfg.eval_fraction),
-      verify_hash=True,
-      save=lambda d=split_dir, m=man: shards.write_manifest(d, m),
-    )
+  """The pipeline as prepare() runs it: every (split, source), into a fresh shards folder."""
+  sources = sorted({s.name: s for s, _ in jobs}.values(), key=lambda s: s.name)
+  fps = {s.name: s.name for s in sources}
+  manifests = {"train": None, "eval": None}
+  pipeline._build(cfg, sources, files, fps, tok, out, manifests, lambda *_: None, pool=pool)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,8 @@ class Checkpointer:
   def save(self, step: int, state, *, extra: dict, force: bool = False) -> None:
     """Starts saving `state` (pytree of arrays) and `extra` (JSON dict) as `step`; returns once the write is queued.
 
+    Device arrays are copied to host before this returns, so the caller may donate or overwrite them next.
+
     The previous save is finished (and its integrity record written) first. Saving a step that already has a
     valid checkpoint is a no-op unless force=True, which replaces it. An incomplete or corrupt directory of
     the same step is replaced. Raises CheckpointError when the write fails (e.g. disk full); older
@@ -320,9 +322,8 @@ class Checkpointer:
       self._remove_tmp_dirs()  # Nothing is in flight now: leftovers of failed or killed saves only take space.
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)})
     try:
-      self._mgr.save(
-        step, args=args, force=True
-      )  # force: we decide when to save, not orbax's interval policy.
+      # force=True: the caller decides when to save, not orbax's interval policy.
+      self._mgr.save(step, args=args, force=True)
     except Exception as e:
       self._cleanup_failed(step)
       raise self._save_error(step, e) from e
@@ -370,7 +371,10 @@ class Checkpointer:
       raise self._save_error(step, error) from error
     if jax.process_count() > 1:  # Other processes must not read the record before process 0 wrote it.
       ocp.multihost.sync_global_processes(f"gpt_jax_checkpoint_record_{step}")
-    self._prune()
+    try:
+      self._prune()
+    except Exception as e:  # A failed clean-up costs disk space, not correctness: training goes on.
+      log.warning("could not delete old checkpoints in %s: %s", self.directory, _one_line(e))
 
   def _save_error(self, step: int, e: BaseException) -> CheckpointError:
     what = "disk full (No space left on device)" if _is_disk_full(e) else _one_line(e)

@@ -32,6 +32,8 @@ MUTABLE_KEYS = (
     "model.remat_policy",
     "model.attention_impl",
     "data.num_workers",
+    "data.progress",
+    "data.verify_hash",
 )
 
 
@@ -215,6 +217,9 @@ def validate_train(cfg, n_devices: int) -> None:
     raise ConfigError(f"optim.lr_end_ratio: must be in [0, 1], got {o.lr_end_ratio}")
   if o.warmup_steps < 0 or o.decay_steps < 0:
     raise ConfigError("optim.warmup_steps/decay_steps: must be >= 0")
+  decay = o.decay_steps or t.steps
+  if o.warmup_steps >= decay:
+    raise ConfigError(f"optim.warmup_steps: {o.warmup_steps} must be smaller than the decay steps ({decay})")
   if o.schedule not in ("cosine", "constant"):
     raise ConfigError(f"optim.schedule: must be 'cosine' or 'constant', got {o.schedule!r}")
   if o.weight_decay < 0 or o.grad_clip_norm < 0:

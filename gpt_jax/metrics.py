@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import struct
 import sys
 import time
@@ -61,9 +62,7 @@ class MetricWriter:
       if self._file.read(1) != b"\n":
         self._file.write(b"\n")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # Imported here: only the writing process pays for it.
-
-      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), flush_secs=10)
+      self._tb = _EventFileWriter(os.path.join(self.workdir, TB_DIR))
 
   def write(self, step: int, metrics: dict[str, Any], *, prefix: str = "") -> None:
     """Appends {"step", "time", prefix+key: value} as one JSON line and each numeric scalar to TensorBoard."""
@@ -74,13 +73,8 @@ class MetricWriter:
     self._file.write((json.dumps(record) + "\n").encode())
     self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k not in ("step", "time") and isinstance(v, int | float) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, int(step))
-
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
+      scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
+      self._tb.write_scalars(int(step), scalars, record["time"])
 
   def close(self) -> None:
     """Flushes and closes both outputs; safe to call twice."""
@@ -124,17 +118,10 @@ def read_metrics(workdir_or_file: str) -> list[dict]:
 
 
 def read_tb_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
-  """Returns {tag: [(step, value), ...]} from the TensorBoard event files in tb_dir (TFRecord framing).
+  """Returns {tag: [(step, value), ...]} from the TensorBoard event files in tb_dir, in file order.
 
-  Reads the files directly (tensorboard itself is not a dependency); records with a bad crc are skipped.
+  Records with a bad checksum or cut short by a crash are skipped.
   """
-  from tensorboardX.crc32c import crc32c
-  from tensorboardX.proto import event_pb2
-
-  def masked(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
   out: dict[str, list[tuple[int, float]]] = {}
   for name in sorted(os.listdir(tb_dir)):
     if "tfevents" not in name:
@@ -144,18 +131,150 @@ def read_tb_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
     pos = 0
     while pos + 12 <= len(data):
       (length,) = struct.unpack("<Q", data[pos : pos + 8])
-      body = data[pos + 12 : pos + 12 + length]
-      crc_pos = pos + 12 + length
-      if crc_pos + 4 > len(data):
+      end = pos + 12 + length
+      if end + 4 > len(data):
         break
-      (crc,) = struct.unpack("<I", data[crc_pos : crc_pos + 4])
-      pos = crc_pos + 4
-      if masked(body) != crc:
-        continue
-      event = event_pb2.Event.FromString(body)
-      for value in event.summary.value:
-        out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+      body, (crc,) = data[pos + 12 : end], struct.unpack("<I", data[end : end + 4])
+      pos = end + 4
+      if _masked_crc32c(body) == crc:
+        for tag, step, value in _decode_scalars(body):
+          out.setdefault(tag, []).append((step, value))
   return out
+
+
+# ----------------------------------------------------------------------------- TensorBoard event files
+# Written by hand (TFRecord framing around the Event protobuf, scalars only): importing tensorboardX pulls
+# in torch when it is installed, seconds and hundreds of MB in every training process, for a few bytes.
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """Returns TFRecord's masked CRC-32C (Castagnoli) of data."""
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+  n &= (1 << 64) - 1  # Negative int64 values are encoded as their 64-bit two's complement.
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _encode_event(
+  wall_time: float, step: int, *, file_version: str = "", scalars: dict | None = None
+) -> bytes:
+  """Returns a serialized tensorboard Event (wall_time=1, step=2, file_version=3, summary=5)."""
+  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
+  if file_version:
+    out += _field_bytes(3, file_version.encode())
+  if scalars:  # Summary.value=1 -> Value{tag=1, simple_value=2 (float32)}
+    values = b"".join(
+      _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
+      for tag, value in scalars.items()
+    )
+    out += _field_bytes(5, values)
+  return out
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    byte = data[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    shift += 7
+    if not byte & 0x80:
+      return value, pos
+
+
+def _fields(data: bytes):
+  """Yields (field number, wire type, value) of a protobuf message; value is int, or bytes for wire types 1/2/5."""
+  pos = 0
+  while pos < len(data):
+    key, pos = _read_varint(data, pos)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _read_varint(data, pos)
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, pos = data[pos : pos + size], pos + size
+    elif wire == 2:
+      size, pos = _read_varint(data, pos)
+      value, pos = data[pos : pos + size], pos + size
+    else:
+      return
+    yield number, wire, value
+
+
+def _decode_scalars(event: bytes) -> list[tuple[str, int, float]]:
+  """Returns [(tag, step, simple_value)] of one serialized Event."""
+  step, summaries = 0, []
+  for number, wire, value in _fields(event):
+    if number == 2 and wire == 0:
+      step = value - (1 << 64) if value >= 1 << 63 else value
+    elif number == 5 and wire == 2:
+      summaries.append(value)
+  out = []
+  for summary in summaries:
+    for number, _, value in _fields(summary):
+      if number != 1:
+        continue
+      tag, simple = None, None
+      for n, w, v in _fields(value):
+        if n == 1 and w == 2:
+          tag = v.decode()
+        elif n == 2 and w == 5:
+          simple = struct.unpack("<f", v)[0]
+      if tag is not None and simple is not None:
+        out.append((tag, step, simple))
+  return out
+
+
+class _EventFileWriter:
+  """Appends scalar summaries to <logdir>/events.out.tfevents.<time>.<host>.<pid>, flushed per write."""
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.path = os.path.join(logdir, name)
+    self._file = open(self.path, "ab")
+    self._write(_encode_event(time.time(), 0, file_version="brain.Event:2"))
+
+  def _write(self, event: bytes) -> None:
+    header = struct.pack("<Q", len(event))
+    self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + event)
+    self._file.write(struct.pack("<I", _masked_crc32c(event)))
+    self._file.flush()
+
+  def write_scalars(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+    if scalars:
+      self._write(_encode_event(wall_time, step, scalars={k: float(v) for k, v in scalars.items()}))
+
+  def close(self) -> None:
+    self._file.close()
 
 
 # ----------------------------------------------------------------------------- progress

@@ -17,7 +17,8 @@ soon as every row has produced `eos_id` (a negative eos_id never matches: fixed-
 
 Sampling follows the usual order: temperature, then top-k (`lax.top_k`), then top-p (nucleus,
 sort-based); `greedy` (or temperature 0) takes the argmax. The key for step j is
-`fold_in(rng, j)`, so a seed reproduces its samples whatever the batch sharding.
+`fold_in(rng, j)`; with JAX's partitionable threefry (the default) the noise of row i depends only
+on the key and i, so a seed reproduces its samples whatever the sharding or the prompt padding.
 """
 
 from __future__ import annotations
@@ -385,7 +386,7 @@ def stream(
   """Yields the continuation of one prompt token by token (for interactive chat), eos included.
 
   Each token costs one call of a jitted decode step that reuses (and donates) the cache; the tokens
-  and the rng schedule are those of `make_sampler` with the same seed.
+  and the rng schedule are those of row 0 of `make_sampler` with the same seed.
   """
   sample_cfg.validate()
   check_lengths(cfg, len(prompt), sample_cfg)

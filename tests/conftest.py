@@ -21,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory):
+  """The tiny test corpus tokenized once per session; tests copy it with helpers.seed_workdir."""
+  from gpt_jax import data
+  from tests.helpers import tiny_config
+
+  d = str(tmp_path_factory.mktemp("prepared"))
+  cfg = tiny_config()
+  tokens = cfg.train.global_batch * cfg.train.seq_len
+  data.prepare(cfg.data, d, token_budget=tokens * cfg.train.steps, tokens_per_batch=tokens, log=lambda *a: None)
+  return d

@@ -179,8 +179,14 @@ def test_disk_full_raises_and_keeps_previous(tmp_path, mesh8, monkeypatch):
   ckpt.save(1, _make_state(mesh8, 1), extra={"step": 1})
   ckpt.wait()
 
-  async def full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
+  class FullDisk:  # An orbax commit future whose background write hits a full disk, as tensorstore's would.
+    def result(self, timeout=None):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  original = ocp.StandardCheckpointHandler.async_save
+
+  async def full(self, *args, **kwargs):
+    return list(await original(self, *args, **kwargs) or []) + [FullDisk()]
 
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full)
   with pytest.raises(

@@ -149,3 +149,21 @@ def test_window_order_visits_each_window_once_per_epoch():
   starts = order.starts(np.arange(100))
   assert sorted(starts[:50]) == list(range(0, 400, 8)) and sorted(starts[50:]) == list(range(0, 400, 8))
   assert not np.array_equal(starts[:50], starts[50:])
+
+
+def test_dropped_loader_stops_its_thread(prepared, sharding):
+  import gc
+  import threading
+
+  def alive():
+    return sum(t.name == "gpt_jax-loader" and t.is_alive() for t in threading.enumerate())
+
+  before = alive()
+  loader = make_loader(prepared, "eval", global_batch=B, seq_len=T, sharding=sharding, seed=0)
+  next(loader)
+  assert alive() == before + 1
+  thread = loader._thread
+  del loader  # no close(): an eval pass that just stops iterating
+  gc.collect()
+  thread.join(timeout=5)
+  assert not thread.is_alive()

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -13,34 +14,57 @@ from gpt_jax import sharding
 from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.interop import hf
 
-torch = pytest.importorskip("torch", reason="torch (CPU build, test-only) is needed to build reference models")
-transformers = pytest.importorskip("transformers", reason="transformers (test-only) is needed for parity tests")
+torch = pytest.importorskip(
+  "torch", reason="torch (CPU build, test-only) is needed to build reference models"
+)
+transformers = pytest.importorskip(
+  "transformers", reason="transformers (test-only) is needed for parity tests"
+)
 
 MESH = {"data": 1, "fsdp": 4, "tensor": 2}  # 8 fake CPU devices: params really get sharded on import
 
 
 def _gpt2(tie=True):
   cfg = transformers.GPT2Config(
-      vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tie,
-      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    vocab_size=97,
+    n_positions=64,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    tie_word_embeddings=tie,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
   )
   return transformers.GPT2LMHeadModel(cfg)
 
 
 def _llama(tie=False, head_dim=None):
   cfg = transformers.LlamaConfig(
-      vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rope_theta=5000.0,
-      rms_norm_eps=1e-5, head_dim=head_dim, bos_token_id=1, eos_token_id=2,
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=tie,
+    rope_theta=5000.0,
+    rms_norm_eps=1e-5,
+    head_dim=head_dim,
+    bos_token_id=1,
+    eos_token_id=2,
   )
   return transformers.LlamaForCausalLM(cfg)
 
 
 MODELS = {
-    "gpt2_tied": lambda: _gpt2(True),
-    "gpt2_untied": lambda: _gpt2(False),
-    "llama_gqa_untied": lambda: _llama(False),
-    "llama_gqa_tied_headdim": lambda: _llama(True, head_dim=8),  # 4 heads x 8 != 64: explicit head_dim
+  "gpt2_tied": lambda: _gpt2(True),
+  "gpt2_untied": lambda: _gpt2(False),
+  "llama_gqa_untied": lambda: _llama(False),
+  "llama_gqa_tied_headdim": lambda: _llama(True, head_dim=8),  # 4 heads x 8 != 64: explicit head_dim
 }
 
 
@@ -69,6 +93,13 @@ def _hf_logits(m, tokens):
     return m(torch.from_numpy(tokens).long()).logits.numpy()
 
 
+def _random_params(cfg, seed=0):
+  """Random params of cfg's shapes, made with numpy (much faster than initializing the module on CPU)."""
+  rng = np.random.default_rng(seed)
+  _, shapes, _ = model_lib.abstract(cfg)
+  return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
 def _jax_out(cfg, params, tokens):
   graphdef, _, _ = model_lib.abstract(cfg)
   return model_lib.apply(graphdef, params, jax.numpy.asarray(tokens))
@@ -79,20 +110,38 @@ def mesh():
   return sharding.make_mesh(MESH)
 
 
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, mesh):
+  """name -> the reference HF model, its import (sharded on the mesh) and the gpt_jax forward; built once."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      d = tmp_path_factory.mktemp(name)
+      ref = _build(name)
+      cfg = hf.import_hf(_save(ref, d / "hf"), str(d / "ckpt"), mesh_cfg=MESH)
+      loaded_cfg, params = hf.load_imported(str(d / "ckpt"), mesh)
+      tokens = _tokens(cfg.vocab_size - 1)  # never vocab-1: the reward test's pad id
+      out = _jax_out(cfg, params, tokens)
+      cache[name] = types.SimpleNamespace(
+        ref=ref, dir=d, cfg=cfg, loaded_cfg=loaded_cfg, params=params, tokens=tokens, out=out
+      )
+    return cache[name]
+
+  return get
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_import_parity_and_export_round_trip(name, tmp_path, mesh):
-  ref = _build(name)
-  hf_dir = _save(ref, tmp_path / "hf")
-  cfg = hf.import_hf(hf_dir, str(tmp_path / "ckpt"), mesh_cfg=MESH)
-  assert sorted(os.listdir(tmp_path / "ckpt")) == ["_INTEGRITY.json", "model_config.json", "state"]
-  cfg2, params = hf.load_imported(str(tmp_path / "ckpt"), mesh)
-  assert cfg2 == cfg
+def test_import_parity_and_export_round_trip(name, tmp_path, imported):
+  m = imported(name)
+  ref, cfg, params, tokens = m.ref, m.cfg, m.params, m.tokens
+  assert sorted(os.listdir(m.dir / "ckpt")) == ["_INTEGRITY.json", "model_config.json", "state"]
+  assert m.loaded_cfg == cfg
   # Params land sharded by the rules: model width over fsdp, ffn width over tensor.
   assert params["blocks"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
-  tokens = _tokens(cfg.vocab_size)
   want = _hf_logits(ref, tokens)
-  got = np.asarray(_jax_out(cfg, params, tokens).logits)
+  got = np.asarray(m.out.logits)
   assert got.shape == want.shape
   assert np.max(np.abs(got - want)) <= 1e-4
 
@@ -114,8 +163,8 @@ def test_import_matches_direct_load_and_bad_output_dir_is_kept(tmp_path):
   cfg = hf.config_from_hf(hf.read_hf_config(hf_dir))
   params = hf.load_hf_params(hf_dir, cfg)
   np.testing.assert_array_equal(
-      np.asarray(params["blocks"]["attn"]["wk"][1]),
-      ref.model.layers[1].self_attn.k_proj.weight.detach().numpy().T.reshape(64, 2, 16),
+    np.asarray(params["blocks"]["attn"]["wk"][1]),
+    ref.model.layers[1].self_attn.k_proj.weight.detach().numpy().T.reshape(64, 2, 16),
   )
   occupied = tmp_path / "occupied"
   occupied.mkdir()
@@ -154,21 +203,20 @@ def test_sharded_bf16_and_pytorch_bin_inputs(tmp_path, mesh):
 
 
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])
-def test_reward_head_exports_as_sequence_classifier(name, tmp_path):
-  ref = _build(name)
-  cfg = hf.config_from_hf(ref.config.to_dict())
-  params = hf.load_hf_params(_save(ref, tmp_path / "hf"), cfg)
+def test_reward_head_exports_as_sequence_classifier(name, tmp_path, imported):
+  m = imported(name)
+  cfg, params, tokens = m.cfg, m.params, m.tokens
   rng = np.random.default_rng(3)
   head = {"w": rng.normal(size=(cfg.d_model,)).astype(np.float32), "b": np.float32(0.37)}
-  pad = cfg.vocab_size - 1
-  tokens = _tokens(cfg.vocab_size - 1, (3, 12))  # never the pad id, so the last token is scored
-  hidden = np.asarray(_jax_out(cfg, params, tokens).hidden)
-  want = hidden[:, -1] @ head["w"] + head["b"]
+  pad = cfg.vocab_size - 1  # absent from the tokens, so HF scores the last token of each row
+  want = np.asarray(m.out.hidden)[:, -1] @ head["w"] + head["b"]
 
   out = tmp_path / "rm"
   hf.export_hf(cfg, params, str(out), reward_head=head, pad_id=pad)
   config = json.loads((out / "config.json").read_text())
-  rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), attn_implementation="eager").eval()
+  rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+    str(out), attn_implementation="eager"
+  ).eval()
   assert type(rm).__name__.endswith("ForSequenceClassification") and rm.config.num_labels == 1
   with torch.no_grad():
     score = rm(torch.from_numpy(tokens).long()).logits.numpy()[:, 0]
@@ -188,14 +236,14 @@ def _write_config(path, config):
 
 
 @pytest.mark.parametrize(
-    "config, match",
-    [
-        ({"model_type": "bert", "architectures": ["BertModel"]}, "model_type 'bert'.*not supported"),
-        ({"model_type": "gpt2", "activation_function": "relu", "n_embd": 32}, "activation_function 'relu'"),
-        ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-        ({"model_type": "llama", "attention_bias": True}, "attention_bias=True"),
-        ({"model_type": "llama", "hidden_size": 64}, "'num_attention_heads' is missing"),
-    ],
+  "config, match",
+  [
+    ({"model_type": "bert", "architectures": ["BertModel"]}, "model_type 'bert'.*not supported"),
+    ({"model_type": "gpt2", "activation_function": "relu", "n_embd": 32}, "activation_function 'relu'"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias=True"),
+    ({"model_type": "llama", "hidden_size": 64}, "'num_attention_heads' is missing"),
+  ],
 )
 def test_unsupported_configs_are_named(tmp_path, config, match):
   hf_dir = _write_config(tmp_path / "m", config)
@@ -225,10 +273,13 @@ def test_missing_or_mismatched_weights_name_the_culprit(tmp_path):
   tensors = load_file(str(hf_dir / "model.safetensors"))
   bad_shape = _write_config(tmp_path / "bad_shape", config)
   save_file(
-      {**tensors, "transformer.h.1.mlp.c_fc.weight": np.zeros((32, 64), np.float32)},
-      os.path.join(bad_shape, "model.safetensors"), metadata={"format": "pt"},
+    {**tensors, "transformer.h.1.mlp.c_fc.weight": np.zeros((32, 64), np.float32)},
+    os.path.join(bad_shape, "model.safetensors"),
+    metadata={"format": "pt"},
   )
-  with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 64\) but config.json implies \(32, 128\)"):
+  with pytest.raises(
+    CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 64\) but config.json implies \(32, 128\)"
+  ):
     hf.import_hf(bad_shape, str(tmp_path / "o3"))
 
   missing = _write_config(tmp_path / "missing", config)
@@ -242,19 +293,19 @@ def test_missing_or_mismatched_weights_name_the_culprit(tmp_path):
 
 def test_export_refuses_inexpressible_configs_and_occupied_dirs(tmp_path):
   cfg = model_lib.preset("tiny_gpt2", num_layers=1, d_model=32, vocab_size=64, num_kv_heads=2)
-  params = model_lib.split(cfg)[1]
+  params = _random_params(cfg)
   with pytest.raises(ConfigError, match="model.num_kv_heads: GPT-2 has no grouped-query attention"):
     hf.export_hf(cfg, params, str(tmp_path / "a"))
   cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=64, mlp="gelu")
   with pytest.raises(ConfigError, match="matches neither GPT-2"):
-    hf.export_hf(cfg, model_lib.split(cfg)[1], str(tmp_path / "b"))
+    hf.export_hf(cfg, _random_params(cfg), str(tmp_path / "b"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
   occupied = tmp_path / "c"
   occupied.mkdir()
   (occupied / "config.json").write_text("{}")
   cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=64)
   with pytest.raises(CheckpointError, match="already has config.json"):
-    hf.export_hf(cfg, model_lib.split(cfg)[1], str(occupied))
+    hf.export_hf(cfg, _random_params(cfg), str(occupied))
   assert (occupied / "config.json").read_text() == "{}"
 
 
@@ -269,14 +320,18 @@ def test_byte_level_bpe_tokenizer(tmp_path):
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    vocab_size=300,
+    special_tokens=["<|endoftext|>"],
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
   )
   tok.train_from_iterator(TEXTS, trainer)
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
 
   wrapped = hf.load_hf_tokenizer(str(tmp_path))
-  assert wrapped.vocab_size == tok.get_vocab_size() and wrapped.eos_id == tok.token_to_id("<|endoftext|>") == 0
+  assert (
+    wrapped.vocab_size == tok.get_vocab_size() and wrapped.eos_id == tok.token_to_id("<|endoftext|>") == 0
+  )
   for text in TEXTS[:2] + ["unseen wörds ✓"]:
     ids = wrapped.encode(text)
     assert ids == tok.encode(text).ids
@@ -289,13 +344,23 @@ def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
 
   (tmp_path / "corpus.txt").write_text("\n".join(TEXTS))
   spm.SentencePieceTrainer.train(
-      input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=60,
-      model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+    input=str(tmp_path / "corpus.txt"),
+    model_prefix=str(tmp_path / "sp"),
+    vocab_size=320,
+    model_type="bpe",
+    byte_fallback=True,
+    hard_vocab_limit=False,
+    bos_id=1,
+    eos_id=2,
+    unk_id=0,
+    minloglevel=2,
   )
   sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
   cfg = model_lib.preset("tiny", num_layers=1, d_model=32, vocab_size=sp.get_piece_size() + 4)
   out = tmp_path / "export"
-  files = hf.export_hf(cfg, model_lib.split(cfg)[1], str(out), tokenizer_model=str(tmp_path / "sp.model"), eos_id=2)
+  files = hf.export_hf(
+    cfg, _random_params(cfg), str(out), tokenizer_model=str(tmp_path / "sp.model"), eos_id=2
+  )
   assert "tokenizer.model" in files
   wrapped = hf.load_hf_tokenizer(str(out))
   assert (wrapped.vocab_size, wrapped.eos_id, wrapped.bos_id) == (sp.get_piece_size(), 2, 1)
@@ -304,3 +369,33 @@ def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
   with pytest.raises(Exception, match="neither tokenizer.model nor tokenizer.json"):
     hf.load_hf_tokenizer(str(tmp_path))
   shutil.rmtree(out)
+
+
+def test_cli_exports_imports_and_training_workdirs(tmp_path, imported):
+  import dataclasses
+
+  from gpt_jax import checkpoint as ckpt_lib
+  from gpt_jax.interop import cli
+
+  m = imported("gpt2_tied")
+  want = _hf_logits(m.ref, m.tokens)
+  logs = []
+  files = cli.cmd_export(workdir=str(m.dir / "ckpt"), out_dir=str(tmp_path / "a"), log_fn=logs.append)
+  assert files == ["model.safetensors", "config.json"] and "exported" in logs[0]
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"), attn_implementation="eager")
+  np.testing.assert_array_equal(_hf_logits(back.eval(), m.tokens), want)
+
+  # A training workdir: config.json with a "model" section, params in the newest checkpoint's state.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"model": dataclasses.asdict(m.cfg)}))
+  with ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False) as ckpt:
+    ckpt.save(7, {"params": m.params, "step": np.int32(7)}, extra={"stage": "sft"})
+  cli.cmd_export(workdir=str(workdir), out_dir=str(tmp_path / "b"), log_fn=logs.append)
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "b"), attn_implementation="eager")
+  np.testing.assert_array_equal(_hf_logits(back.eval(), m.tokens), want)
+
+  cfg = cli.cmd_import(hf_dir=str(tmp_path / "b"), out_dir=str(tmp_path / "c"), log_fn=logs.append)
+  assert cfg == m.cfg and "imported" in logs[-1]
+  with pytest.raises(CheckpointError, match="neither model_config.json"):
+    cli.cmd_export(workdir=str(tmp_path), out_dir=str(tmp_path / "d"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 
 import jax
 import numpy as np
@@ -150,19 +151,27 @@ class Loader:
     return {key: jax.make_array_from_process_local_data(self.sharding, v, shape) for key, v in local.items()}
 
   # --- iteration with prefetch ---------------------------------------------------------------------
-  def _worker(self, start: int, q: queue.Queue, stop: threading.Event) -> None:
+  @staticmethod
+  def _worker(ref, start: int, q: queue.Queue, stop: threading.Event) -> None:
+    # Holds the loader only through a weak reference, so a loader that is dropped without close()
+    # (e.g. one eval pass) is collected and its thread ends.
     k = start
     while not stop.is_set():
+      loader = ref()
+      if loader is None:
+        return
       try:
-        item = self._device_batch(k)
+        item = loader._device_batch(k)
       except Exception as e:  # handed to the consumer, raised there
         item = e
+      del loader
       while not stop.is_set():
         try:
           q.put(item, timeout=0.1)
           break
         except queue.Full:
-          continue
+          if ref() is None:
+            return
       if isinstance(item, Exception):
         return
       k += 1
@@ -173,7 +182,10 @@ class Loader:
     self._stop = threading.Event()
     self._queue = queue.Queue(maxsize=self.prefetch)
     self._thread = threading.Thread(
-      target=self._worker, args=(self._index, self._queue, self._stop), daemon=True, name="gpt_jax-loader"
+      target=Loader._worker,
+      args=(weakref.ref(self), self._index, self._queue, self._stop),
+      daemon=True,
+      name="gpt_jax-loader",
     )
     self._thread.start()
 
@@ -211,7 +223,8 @@ class Loader:
     """Stops the prefetch thread (the loader can still be used; it restarts on the next batch)."""
     if self._thread is not None:
       self._stop.set()
-      self._thread.join()
+      if self._thread is not threading.current_thread():
+        self._thread.join()
       self._thread = None
       self._queue = None
 

@@ -19,6 +19,7 @@ SentencePiece encodes in C++, the parent only reads documents, cuts and writes s
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -140,12 +141,15 @@ def build_source_split(
   verify_hash: bool,
   save,
   progress=None,
+  lock=None,
 ) -> dict:
   """Builds (or resumes, or repairs) one source's shards of one split.
 
   `entry` is the source's manifest entry (fingerprint, complete, shards, totals), updated in place;
-  `save()` persists the manifest. Returns the entry. Raises DataError for unreadable input.
+  `save()` persists the manifest; `lock` (optional) guards the manifest when several sources are
+  built at once by threads sharing one pool. Returns the entry. Raises DataError for unreadable input.
   """
+  lock = lock or contextlib.nullcontext()
   dtype = shard_dtype(tokenizer.vocab_size)
   src_dir = os.path.join(split_dir, src.name)
   os.makedirs(src_dir, exist_ok=True)
@@ -184,12 +188,13 @@ def build_source_split(
       "end_doc": stream.cursor[0],
       "end_skip": stream.cursor[1],
     }
-    if index < len(records):
-      records[index] = rec
-    else:
-      records.append(rec)
+    with lock:
+      if index < len(records):
+        records[index] = rec
+      else:
+        records.append(rec)
+      save()
     index += 1
-    save()
 
   pending = collections.deque()
   max_pending = 4 * max(1, getattr(pool, "_max_workers", 1))
@@ -226,14 +231,15 @@ def build_source_split(
   drain(0)
   if stream.size:
     emit(stream.size)
-  del records[index:]
-  entry.update(
-    complete=True,
-    documents=documents,
-    bytes=nbytes,
-    tokens=int(sum(r["tokens"] for r in records)),
-  )
-  save()
+  with lock:
+    del records[index:]
+    entry.update(
+      complete=True,
+      documents=documents,
+      bytes=nbytes,
+      tokens=int(sum(r["tokens"] for r in records)),
+    )
+    save()
   return entry
 
 

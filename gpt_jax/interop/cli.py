@@ -16,7 +16,9 @@ from gpt_jax.errors import CheckpointError
 from gpt_jax.interop import hf
 
 
-def cmd_import(hf_dir: str, out_dir: str, *, mesh: dict | None = None, dtype: str | None = None, log_fn=print):
+def cmd_import(
+  hf_dir: str, out_dir: str, *, mesh: dict | None = None, dtype: str | None = None, log_fn=print
+):
   """Imports a Hugging Face directory into out_dir; returns the ModelConfig."""
   overrides = {"dtype": dtype} if dtype else {}
   cfg = hf.import_hf(hf_dir, out_dir, mesh_cfg=mesh, **overrides)
@@ -31,7 +33,9 @@ def _workdir_params(workdir: str, item: str):
 
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise CheckpointError(f"{workdir}: neither {hf.MODEL_CONFIG} (an import) nor config.json (a training workdir)")
+    raise CheckpointError(
+      f"{workdir}: neither {hf.MODEL_CONFIG} (an import) nor config.json (a training workdir)"
+    )
   with open(path) as f:
     model_cfg = json.load(f).get("model")
   if not isinstance(model_cfg, dict):
@@ -42,13 +46,13 @@ def _workdir_params(workdir: str, item: str):
 
 
 def cmd_export(
-    workdir: str,
-    out_dir: str,
-    *,
-    tokenizer: str | None = None,
-    params_item: str = "params",
-    reward_head: dict | None = None,
-    log_fn=print,
+  workdir: str,
+  out_dir: str,
+  *,
+  tokenizer: str | None = None,
+  params_item: str = "params",
+  reward_head: dict | None = None,
+  log_fn=print,
 ) -> list[str]:
   """Exports a workdir (or an imported checkpoint) to a Hugging Face directory; returns the files written.
 

@@ -3,10 +3,12 @@
 Import reads one tensor at a time and places it on the mesh as it goes:
   * unstacked params (embeddings, final norm, lm head): `jax.device_put(array, NamedSharding)`, which
     sends each device only its shard;
-  * stacked block params (leading L axis): for each layer the HF tensor is read and converted once,
-    each device's slice of it is sent to that device, and each device concatenates its L slices.
-    The full (L, ...) array never exists on the host nor on any one device; host memory peaks at one
-    layer's tensor, device memory at twice the device's shard of one parameter kind.
+  * stacked block params (leading L axis): for each layer the HF tensor is read and converted once and
+    device_put with the layer's sharding (each device receives its slice); a jitted stack with
+    out_shardings then joins the L slices on every device locally. The full (L, ...) array never exists
+    on the host nor on any one device: host memory peaks at one layer's tensor, device memory at twice
+    the device's shard of one parameter kind. (make_array_from_callback would re-read every tensor once
+    per distinct shard; reading each tensor once matters more for checkpoints of hundreds of GB.)
 
 An imported checkpoint is a directory that `checkpoint.restore_params(dir, abstract)` reads directly:
   <dir>/model_config.json   the ModelConfig fields (plus where the weights came from)
@@ -21,6 +23,7 @@ and optionally a reward head as *ForSequenceClassification (num_labels=1) and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,7 +32,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from gpt_jax import model as model_lib
 from gpt_jax import sharding as sharding_lib
@@ -78,7 +81,7 @@ def check_tensors(files: TensorFiles, specs: list[Spec], cfg: model_lib.ModelCon
         raise CheckpointError(f"tensor {name} ({'/'.join(spec.path)}) is missing from {files.model_dir}")
       if files.shape(name) != spec.hf_shape:
         raise CheckpointError(
-            f"tensor {name} has shape {files.shape(name)} but config.json implies {spec.hf_shape}"
+          f"tensor {name} has shape {files.shape(name)} but config.json implies {spec.hf_shape}"
         )
   used = {s.name(i) for s in specs for i in (range(cfg.num_layers) if s.stacked else (None,))}
   unused = sorted(set(files.names()) - used)
@@ -86,24 +89,27 @@ def check_tensors(files: TensorFiles, specs: list[Spec], cfg: model_lib.ModelCon
     log.info("ignoring %d tensors of %s not used by gpt_jax: %s", len(unused), files.model_dir, unused[:8])
 
 
+@functools.cache
+def _stacker(sharding: NamedSharding):
+  # Layer slices and the result are sharded alike, so the stack is device-local (no communication).
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
 def _place_stacked(files: TensorFiles, spec: Spec, shape, dtype, sharding) -> jax.Array:
   """Builds one (L, ...) parameter from L per-layer tensors; each device only ever receives its shard."""
-  index_map = sharding.addressable_devices_indices_map(shape)
-  pieces = {d: [] for d in index_map}
+  layers = []
+  if isinstance(sharding, NamedSharding):
+    layer_spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*layer_spec[1:]))
   for layer in range(shape[0]):
     x = np.asarray(spec.convert(files.read(spec.name(layer)))).astype(dtype)
     if x.shape != tuple(shape[1:]):
       raise CheckpointError(f"tensor {spec.name(layer)} converts to {x.shape}, expected {tuple(shape[1:])}")
-    cache: dict = {}  # devices holding the same slice share one host copy
-    for d, index in index_map.items():
-      if layer not in range(*index[0].indices(shape[0])):
-        continue
-      key = tuple((s.start, s.stop, s.step) for s in index[1:])
-      if key not in cache:
-        cache[key] = np.ascontiguousarray(x[tuple(index[1:])])[None]
-      pieces[d].append(jax.device_put(cache[key], d))
-  arrays = [p[0] if len(p) == 1 else jnp.concatenate(p, axis=0) for p in pieces.values()]
-  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
+    # On a mesh each device receives its slice only; on one device the whole array goes there anyway.
+    layers.append(jax.device_put(x, layer_sharding) if isinstance(sharding, NamedSharding) else x)
+  if isinstance(sharding, NamedSharding):
+    return _stacker(sharding)(*layers)
+  return jax.device_put(np.stack(layers), sharding)
 
 
 def load_hf_params(model_dir: str, cfg: model_lib.ModelConfig, *, mesh=None, axes=None):
@@ -246,7 +252,9 @@ def _reward_getter(cfg, params, reward_head):
       return (x.astype(np.float32) + shift).astype(x.dtype) if path == ("final_norm", "bias") else x
 
     return get_shifted, w, {}
-  log.warning("reward head bias %.6g has no place in LlamaForSequenceClassification; saved as gpt_jax_score_bias", b)
+  log.warning(
+    "reward head bias %.6g has no place in LlamaForSequenceClassification; saved as gpt_jax_score_bias", b
+  )
   return get, w, {"gpt_jax_score_bias": b}
 
 
@@ -285,16 +293,16 @@ def _write_shards(tensors, out_dir: str, max_shard_bytes: int) -> list[str]:
 
 
 def export_hf(
-    cfg: model_lib.ModelConfig,
-    params,
-    out_dir: str,
-    *,
-    tokenizer_model: str | None = None,
-    reward_head: dict | None = None,
-    bos_id: int | None = None,
-    eos_id: int | None = None,
-    pad_id: int | None = None,
-    max_shard_bytes: int = 5 * 10**9,
+  cfg: model_lib.ModelConfig,
+  params,
+  out_dir: str,
+  *,
+  tokenizer_model: str | None = None,
+  reward_head: dict | None = None,
+  bos_id: int | None = None,
+  eos_id: int | None = None,
+  pad_id: int | None = None,
+  max_shard_bytes: int = 5 * 10**9,
 ) -> list[str]:
   """Writes a Hugging Face model directory (config.json + safetensors) of `params`; returns the files written.
 
@@ -318,7 +326,10 @@ def export_hf(
   if score_w is not None:
     tensors = _chain(tensors, [("score.weight", score_w[None, :].astype(jnp.dtype(cfg.param_dtype)))])
   written = _write_shards(tensors, out_dir, max_shard_bytes)
-  config = {**hf_config(cfg, classifier=reward_head is not None, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id), **extra}
+  config = {
+    **hf_config(cfg, classifier=reward_head is not None, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id),
+    **extra,
+  }
   if tokenizer_model is not None:
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     written.append("tokenizer.model")

@@ -96,7 +96,7 @@ class TensorFiles:
       import torch
     except ImportError:
       raise CheckpointError(
-          f"{path} is a PyTorch pickle: reading it needs torch (pip install torch) or a safetensors copy"
+        f"{path} is a PyTorch pickle: reading it needs torch (pip install torch) or a safetensors copy"
       ) from None
     try:  # mmap: tensors stay on disk until read
       state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -70,7 +70,9 @@ def load_hf_tokenizer(model_dir: str) -> HfTokenizer:
     try:
       from tokenizers import Tokenizer
     except ImportError:
-      raise DataError(f"tokenizer {bpe}: reading it needs the `tokenizers` package (pip install tokenizers)") from None
+      raise DataError(
+        f"tokenizer {bpe}: reading it needs the `tokenizers` package (pip install tokenizers)"
+      ) from None
     try:
       tok = Tokenizer.from_file(bpe)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception

@@ -38,10 +38,10 @@ def _ident(x):
 def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
   D, H, Q, F, V = cfg.d_model, cfg.num_heads, cfg.q_dim, cfg.ffn_dim, cfg.vocab_size
   specs = [
-      Spec(("embed",), "wte.weight", (V, D), _ident, False),
-      Spec(("pos_embed",), "wpe.weight", (cfg.max_seq_len, D), _ident, False),
-      Spec(("final_norm", "scale"), "ln_f.weight", (D,), _ident, False),
-      Spec(("final_norm", "bias"), "ln_f.bias", (D,), _ident, False),
+    Spec(("embed",), "wte.weight", (V, D), _ident, False),
+    Spec(("pos_embed",), "wpe.weight", (cfg.max_seq_len, D), _ident, False),
+    Spec(("final_norm", "scale"), "ln_f.weight", (D,), _ident, False),
+    Spec(("final_norm", "bias"), "ln_f.bias", (D,), _ident, False),
   ]
   if not cfg.tie_embeddings:
     specs.append(Spec(("lm_head",), "lm_head.weight", (V, D), np.transpose, False))
@@ -50,22 +50,22 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
     return lambda w: w[..., i * D : (i + 1) * D].reshape(*w.shape[:-1], H, Q)
 
   layer = [
-      (("attn_norm", "scale"), "ln_1.weight", (D,), _ident),
-      (("attn_norm", "bias"), "ln_1.bias", (D,), _ident),
-      (("mlp_norm", "scale"), "ln_2.weight", (D,), _ident),
-      (("mlp_norm", "bias"), "ln_2.bias", (D,), _ident),
-      (("attn", "wq"), "attn.c_attn.weight", (D, 3 * D), qkv(0)),
-      (("attn", "wk"), "attn.c_attn.weight", (D, 3 * D), qkv(1)),
-      (("attn", "wv"), "attn.c_attn.weight", (D, 3 * D), qkv(2)),
-      (("attn", "bq"), "attn.c_attn.bias", (3 * D,), qkv(0)),
-      (("attn", "bk"), "attn.c_attn.bias", (3 * D,), qkv(1)),
-      (("attn", "bv"), "attn.c_attn.bias", (3 * D,), qkv(2)),
-      (("attn", "wo"), "attn.c_proj.weight", (D, D), lambda w: w.reshape(H, Q, D)),
-      (("attn", "bo"), "attn.c_proj.bias", (D,), _ident),
-      (("mlp", "w_up"), "mlp.c_fc.weight", (D, F), _ident),
-      (("mlp", "b_up"), "mlp.c_fc.bias", (F,), _ident),
-      (("mlp", "w_down"), "mlp.c_proj.weight", (F, D), _ident),
-      (("mlp", "b_down"), "mlp.c_proj.bias", (D,), _ident),
+    (("attn_norm", "scale"), "ln_1.weight", (D,), _ident),
+    (("attn_norm", "bias"), "ln_1.bias", (D,), _ident),
+    (("mlp_norm", "scale"), "ln_2.weight", (D,), _ident),
+    (("mlp_norm", "bias"), "ln_2.bias", (D,), _ident),
+    (("attn", "wq"), "attn.c_attn.weight", (D, 3 * D), qkv(0)),
+    (("attn", "wk"), "attn.c_attn.weight", (D, 3 * D), qkv(1)),
+    (("attn", "wv"), "attn.c_attn.weight", (D, 3 * D), qkv(2)),
+    (("attn", "bq"), "attn.c_attn.bias", (3 * D,), qkv(0)),
+    (("attn", "bk"), "attn.c_attn.bias", (3 * D,), qkv(1)),
+    (("attn", "bv"), "attn.c_attn.bias", (3 * D,), qkv(2)),
+    (("attn", "wo"), "attn.c_proj.weight", (D, D), lambda w: w.reshape(H, Q, D)),
+    (("attn", "bo"), "attn.c_proj.bias", (D,), _ident),
+    (("mlp", "w_up"), "mlp.c_fc.weight", (D, F), _ident),
+    (("mlp", "b_up"), "mlp.c_fc.bias", (F,), _ident),
+    (("mlp", "w_down"), "mlp.c_proj.weight", (F, D), _ident),
+    (("mlp", "b_down"), "mlp.c_proj.bias", (D,), _ident),
   ]
   return specs + [Spec(("blocks", *p), "h.{l}." + n, s, c, True) for p, n, s, c in layer]
 
@@ -73,21 +73,21 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
 def _llama_specs(cfg: ModelConfig) -> list[Spec]:
   D, H, K, Q, F, V = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.q_dim, cfg.ffn_dim, cfg.vocab_size
   specs = [
-      Spec(("embed",), "embed_tokens.weight", (V, D), _ident, False),
-      Spec(("final_norm", "scale"), "norm.weight", (D,), _ident, False),
+    Spec(("embed",), "embed_tokens.weight", (V, D), _ident, False),
+    Spec(("final_norm", "scale"), "norm.weight", (D,), _ident, False),
   ]
   if not cfg.tie_embeddings:
     specs.append(Spec(("lm_head",), "lm_head.weight", (V, D), np.transpose, False))
   layer = [
-      (("attn_norm", "scale"), "input_layernorm.weight", (D,), _ident),
-      (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), _ident),
-      (("attn", "wq"), "self_attn.q_proj.weight", (H * Q, D), lambda w: w.T.reshape(D, H, Q)),
-      (("attn", "wk"), "self_attn.k_proj.weight", (K * Q, D), lambda w: w.T.reshape(D, K, Q)),
-      (("attn", "wv"), "self_attn.v_proj.weight", (K * Q, D), lambda w: w.T.reshape(D, K, Q)),
-      (("attn", "wo"), "self_attn.o_proj.weight", (D, H * Q), lambda w: w.T.reshape(H, Q, D)),
-      (("mlp", "w_gate"), "mlp.gate_proj.weight", (F, D), np.transpose),
-      (("mlp", "w_up"), "mlp.up_proj.weight", (F, D), np.transpose),
-      (("mlp", "w_down"), "mlp.down_proj.weight", (D, F), np.transpose),
+    (("attn_norm", "scale"), "input_layernorm.weight", (D,), _ident),
+    (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), _ident),
+    (("attn", "wq"), "self_attn.q_proj.weight", (H * Q, D), lambda w: w.T.reshape(D, H, Q)),
+    (("attn", "wk"), "self_attn.k_proj.weight", (K * Q, D), lambda w: w.T.reshape(D, K, Q)),
+    (("attn", "wv"), "self_attn.v_proj.weight", (K * Q, D), lambda w: w.T.reshape(D, K, Q)),
+    (("attn", "wo"), "self_attn.o_proj.weight", (D, H * Q), lambda w: w.T.reshape(H, Q, D)),
+    (("mlp", "w_gate"), "mlp.gate_proj.weight", (F, D), np.transpose),
+    (("mlp", "w_up"), "mlp.up_proj.weight", (F, D), np.transpose),
+    (("mlp", "w_down"), "mlp.down_proj.weight", (D, F), np.transpose),
   ]
   return specs + [Spec(("blocks", *p), "layers.{l}." + n, s, c, True) for p, n, s, c in layer]
 
@@ -102,7 +102,9 @@ def import_specs(cfg: ModelConfig) -> list[Spec]:
 Getter = Callable[[tuple[str, ...], "int | None"], np.ndarray]  # (param path, layer or None) -> host array
 
 
-def export_tensors(cfg: ModelConfig, get: Getter, *, with_lm_head: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+def export_tensors(
+  cfg: ModelConfig, get: Getter, *, with_lm_head: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (Hugging Face name, tensor) one at a time, with the base-model prefix; layers one by one.
 
   `get(path, layer)` returns one (layer of a) gpt_jax parameter on the host, so at most one tensor

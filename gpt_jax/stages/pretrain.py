@@ -51,6 +51,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     loader_args = dict(global_batch=int(t.global_batch), seq_len=int(t.seq_len), sharding=batch_sh,
                        seed=int(cfg.data.seed), document_mask=document_mask)
     train_loader = data_lib.make_loader(prepared, "train", **loader_args)
+    data_lib.make_loader(prepared, "eval", **loader_args).close()  # checks the eval split now, not at step 1000
     bpt = prepared.eval_bytes_per_token
     stage = trainer.Stage(
         name="pretrain",

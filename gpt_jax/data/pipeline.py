@@ -16,7 +16,9 @@ import heapq
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from gpt_jax.data import mixture, shards
 from gpt_jax.data.sources import (
@@ -192,13 +194,15 @@ def _workers(data_cfg) -> int:
   return n if n > 0 else (os.cpu_count() or 1)
 
 
-def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log) -> None:
-  """Builds, resumes or repairs every (split, source); verifies finished ones."""
+def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log, pool=None) -> None:
+  """Builds, resumes or repairs every (split, source); verifies finished ones. Uses `pool` if given
+  (left running), else starts and stops its own."""
   from tqdm import tqdm
 
   dtype = shards.shard_dtype(tok.vocab_size)
-  pool = None
+  own_pool = pool is None
   bar = None
+  jobs = []
   try:
     for sp in SPLITS:
       split_dir = os.path.join(shards_dir, sp)
@@ -225,11 +229,15 @@ def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log) -> No
         )
         if not needs_work:
           continue
-        if pool is None:
-          pool = shards.make_pool(tok, _workers(data_cfg))
-          bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not bool(data_cfg.progress))
-        t0 = time.time()
-        had = len(entry["shards"])
+        jobs.append((sp, src, split_dir, m, entry))
+    if jobs:
+      pool = shards.make_pool(tok, _workers(data_cfg)) if own_pool else pool
+      bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not bool(data_cfg.progress))
+      lock = threading.Lock()
+
+      def run(job):
+        sp, src, split_dir, m, entry = job
+        t0, had = time.time(), len(entry["shards"])
         shards.build_source_split(
           pool,
           tok,
@@ -241,20 +249,29 @@ def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log) -> No
           shard_tokens=int(data_cfg.shard_tokens),
           eval_fraction=float(data_cfg.eval_fraction),
           verify_hash=bool(data_cfg.verify_hash),
-          save=lambda d=split_dir, mm=m: shards.write_manifest(d, mm),
+          save=lambda: shards.write_manifest(split_dir, m),
           progress=bar,
+          lock=lock,
         )
         log(
           f"data: {sp}/{src.name}: {entry['tokens']} tokens in {len(entry['shards'])} shard(s) "
           f"({had} existed) in {time.time() - t0:.1f}s"
         )
-        if sp == "train" and entry["tokens"] == 0:
-          raise DataError(f"source {src.name!r}: its train split is empty; lower data.eval_fraction")
-      shards.write_manifest(split_dir, m)
+
+      # Two sources at a time feed the one process pool, so no core idles while a source ends.
+      with ThreadPoolExecutor(max_workers=2) as ex:
+        futures = [ex.submit(run, job) for job in jobs]
+      for f in futures:
+        f.result()
+    for sp, m in manifests.items():
+      shards.write_manifest(os.path.join(shards_dir, sp), m)
+    for name, entry in manifests["train"]["sources"].items():
+      if entry.get("complete") and entry["tokens"] == 0 and name in fps:
+        raise DataError(f"source {name!r}: its train split is empty; lower data.eval_fraction")
   finally:
     if bar is not None:
       bar.close()
-    if pool is not None:
+    if own_pool and pool is not None:
       pool.shutdown()
 
 

@@ -1,0 +1,219 @@
+"""Embedded graded tasks: generated prompts with verifiable answers, for SFT, reward modeling and PPO.
+
+Four kinds, short enough for a ~1-2M parameter model to learn in a few hundred CPU steps:
+
+  add      "Add 23 and 48."    -> "71"        (knob: digits, the largest operand has that many)
+  reverse  "Reverse: c a f"    -> "f a c"     (knob: list_len, 2..list_len letters)
+  sort     "Sort: 4 1 3"       -> "1 3 4"     (knob: list_len, 2..list_len digits)
+  upper    "Uppercase: cat"    -> "CAT"       (knob: word_len, 2..word_len letters)
+
+The split of a prompt is decided by a hash of its text alone (not by the seed), so a held-out prompt
+never appears in training whatever the seeds of the two calls. `grade` is exact match after
+whitespace strip. `comparisons` derives preference pairs from the same tasks: the correct answer
+beats a plausible wrong one (off by one, two elements swapped, truncated), and among correct answers
+the bare one beats the same answer wrapped in filler ("rambling").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+
+from gpt_jax.errors import ConfigError, DataError
+
+KINDS = ("add", "reverse", "sort", "upper")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Filler around a correct answer: what a "rambling" response looks like to the reward model.
+_RAMBLE = (
+  ("The answer is {a}.", ""),
+  ("Sure! {a}", ""),
+  ("{a}", " I hope this helps."),
+  ("Let me think. It is {a}", ", I believe."),
+  ("Okay, so: {a}", " Done!"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """Difficulty knobs; `eval_fraction` of the prompt space (by hash) is held out."""
+
+  kinds: tuple[str, ...] = KINDS
+  digits: int = 2
+  list_len: int = 4
+  word_len: int = 4
+  eval_fraction: float = 0.2
+
+  def validate(self) -> TaskSpec:
+    """Raises ConfigError naming the first bad knob (as `task_<knob>`)."""
+    unknown = [k for k in self.kinds if k not in KINDS]
+    if not self.kinds or unknown:
+      got = repr(unknown[0]) if unknown else "(none given)"
+      raise ConfigError(f"task_kinds: unknown kind {got}; expected some of {KINDS}")
+    for key, lo, hi in (("digits", 1, 9), ("list_len", 2, 26), ("word_len", 2, 26)):
+      v = getattr(self, key)
+      if not lo <= int(v) <= hi:
+        raise ConfigError(f"task_{key}: must be in [{lo}, {hi}], got {v}")
+    if not 0.0 < self.eval_fraction < 1.0:
+      raise ConfigError(f"task_eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One graded prompt: `question` is the user turn, `answer` the exact reference reply."""
+
+  kind: str
+  question: str
+  answer: str
+
+  @property
+  def messages(self) -> list[dict]:
+    """The prompt as chat messages (a single user turn)."""
+    return [{"role": "user", "content": self.question}]
+
+  def conversation(self, reply: str | None = None) -> list[dict]:
+    """The prompt followed by an assistant turn (the reference answer unless `reply` is given)."""
+    return [*self.messages, {"role": "assistant", "content": self.answer if reply is None else reply}]
+
+
+def hash_fraction(text: str) -> float:
+  """A stable number in [0, 1) from the text's sha1 (the same on every machine and Python)."""
+  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_of(question: str, eval_fraction: float) -> str:
+  """'eval' or 'train': the split that owns this prompt text."""
+  return "eval" if hash_fraction(question) < eval_fraction else "train"
+
+
+def _one(kind: str, rng: random.Random, spec: TaskSpec) -> Task:
+  if kind == "add":
+    hi = 10**spec.digits - 1
+    a, b = rng.randint(0, hi), rng.randint(0, hi)
+    return Task(kind, f"Add {a} and {b}.", str(a + b))
+  n = rng.randint(2, spec.word_len if kind == "upper" else spec.list_len)
+  if kind == "reverse":
+    items = [rng.choice(_LETTERS) for _ in range(n)]
+    return Task(kind, "Reverse: " + " ".join(items), " ".join(reversed(items)))
+  if kind == "sort":
+    items = [str(rng.randint(0, 9)) for _ in range(n)]
+    return Task(kind, "Sort: " + " ".join(items), " ".join(sorted(items)))
+  word = "".join(rng.choice(_LETTERS) for _ in range(n))
+  return Task(kind, f"Uppercase: {word}", word.upper())
+
+
+def make_tasks(split: str, n: int, seed: int, spec: TaskSpec = TaskSpec()) -> list[Task]:
+  """Returns n tasks of `split` ('train' | 'eval'), deterministic in (split, n, seed, spec).
+
+  Kinds cycle in spec.kinds order. Train tasks may repeat (a small prompt space is sampled with
+  replacement); eval tasks are distinct, and DataError says so when the held-out space is too small.
+  """
+  if split not in ("train", "eval"):
+    raise DataError(f"tasks: unknown split {split!r}; expected 'train' or 'eval'")
+  spec.validate()
+  rng = random.Random(f"{seed}:{split}")
+  out, seen = [], set()
+  attempts, budget = 0, 200 * max(n, 1) + 10_000
+  while len(out) < n:
+    attempts += 1
+    if attempts > budget:
+      raise DataError(
+        f"tasks: found only {len(out)} distinct {split} prompts of {n} wanted; "
+        "raise task_digits / task_list_len / task_word_len or ask for fewer"
+      )
+    task = _one(spec.kinds[len(out) % len(spec.kinds)], rng, spec)
+    if split_of(task.question, spec.eval_fraction) != split:
+      continue
+    if split == "eval":
+      if task.question in seen:
+        continue
+      seen.add(task.question)
+    out.append(task)
+  return out
+
+
+def grade_text(answer: str, response: str) -> float:
+  """1.0 when the response equals the answer after stripping surrounding whitespace, else 0.0."""
+  return 1.0 if response.strip() == answer.strip() else 0.0
+
+
+def grade(task: Task, response_text: str) -> float:
+  """The gold score of a response: exact match with the reference answer (see grade_text)."""
+  return grade_text(task.answer, response_text)
+
+
+def sft_conversations(tasks: Iterable[Task]) -> list[list[dict]]:
+  """Returns one [user, assistant] conversation per task, the assistant turn the reference answer."""
+  return [t.conversation() for t in tasks]
+
+
+def wrong_answer(task: Task, rng: random.Random) -> str:
+  """A plausible wrong answer: off by one, two elements swapped, or truncated; never equal to the answer."""
+  a = task.answer
+  if task.kind == "add":
+    options = [
+      str(int(a) + 1),
+      str(int(a) - 1) if int(a) > 0 else str(int(a) + 2),
+      a[:-1] or str(int(a) + 10),
+    ]
+  elif task.kind in ("reverse", "sort"):
+    items = a.split(" ")
+    options = [" ".join(items[:-1])]
+    for i in range(len(items) - 1):
+      if items[i] != items[i + 1]:
+        swapped = items[:i] + [items[i + 1], items[i]] + items[i + 2 :]
+        options.append(" ".join(swapped))
+    if task.kind == "reverse":
+      options.append(" ".join(reversed(items)))  # echoing the input order is a classic slip
+  else:
+    i = rng.randrange(len(a))
+    options = [a[:-1], a[:i] + a[i].lower() + a[i + 1 :]]
+  options = [o for o in options if o.strip() and o.strip() != a]
+  return rng.choice(options) if options else a + " " + a
+
+
+def rambling_answer(task: Task, rng: random.Random) -> str:
+  """The correct answer wrapped in filler (graded 0: the grader wants the bare answer)."""
+  head, tail = rng.choice(_RAMBLE)
+  return head.format(a=task.answer) + tail
+
+
+def comparisons(tasks: Sequence[Task], seed: int, rambling_fraction: float = 0.25) -> list[dict]:
+  """Returns one preference pair per task: {"prompt": messages, "chosen", "rejected", "kind", "reason"}.
+
+  reason 'wrong': chosen is the answer, rejected a plausible wrong one; reason 'rambling' (about
+  rambling_fraction of the pairs): chosen is the bare answer, rejected the answer in filler.
+  """
+  rng = random.Random(f"comparisons:{seed}")
+  out = []
+  for t in tasks:
+    if rng.random() < rambling_fraction:
+      reason, rejected = "rambling", rambling_answer(t, rng)
+    else:
+      reason, rejected = "wrong", wrong_answer(t, rng)
+    out.append(
+      {"prompt": t.messages, "chosen": t.answer, "rejected": rejected, "kind": t.kind, "reason": reason}
+    )
+  return out
+
+
+def task_rows(tasks: Iterable[Task]) -> list[dict]:
+  """JSONL rows {"messages", "kind", "answer"}: the conversation format plus what the grader needs."""
+  return [{"messages": t.conversation(), "kind": t.kind, "answer": t.answer} for t in tasks]
+
+
+def write_jsonl(path: str, rows: Iterable) -> int:
+  """Writes one JSON value per line, atomically (tmp file + rename); returns the number of rows."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  n = 0
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      n += 1
+  os.replace(tmp, path)
+  return n

@@ -1,0 +1,355 @@
+"""Supervised finetuning: next-token loss on assistant turns of packed conversations, starting from a
+pretraining checkpoint, with exact-match accuracy of greedy replies on held-out prompts at each eval.
+
+  python -m gpt_jax sft --config=experiments/sft.py:tiny --config.train.init_from=PRETRAIN_WORKDIR --workdir=DIR
+
+With sft.data_path '' the embedded graded tasks (gpt_jax/data/tasks.py) are generated into
+DIR/data/{train,eval}.jsonl. The tokenizer comes from the pretraining workdir and is copied into DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import config as config_lib
+from gpt_jax import metrics as metrics_lib
+from gpt_jax import model as model_lib
+from gpt_jax import sampling, sharding, trainer
+from gpt_jax.data import sft as sft_data
+from gpt_jax.data import tasks as tasks_lib
+from gpt_jax.data.tokenizer import META_FILE, MODEL_FILE, check_vocab, load_tokenizer
+from gpt_jax.errors import CheckpointError, ConfigError, DataError
+from gpt_jax.model import ModelConfig
+from gpt_jax.stages.pretrain import lm_loss
+
+# Model keys that only change how the same weights are computed; all others must match the checkpoint.
+RUNTIME_MODEL_KEYS = (
+  "family",
+  "init_std",
+  "dtype",
+  "param_dtype",
+  "scan_layers",
+  "remat_policy",
+  "attention_impl",
+)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def task_spec(s) -> tasks_lib.TaskSpec:
+  """The TaskSpec of the cfg.sft task_* knobs (ConfigError names the sft key)."""
+  kinds = tuple(k.strip() for k in str(s.task_kinds).split(",") if k.strip())
+  spec = tasks_lib.TaskSpec(
+    kinds, int(s.task_digits), int(s.task_list_len), int(s.task_word_len), float(s.task_eval_fraction)
+  )
+  try:
+    return spec.validate()
+  except ConfigError as e:
+    raise ConfigError(f"sft.{e}") from None
+
+
+def validate(cfg) -> ModelConfig:
+  """All checks that need no data and no compile; returns the model config."""
+  model_cfg = ModelConfig.from_config(cfg.model)
+  config_lib.validate_train(cfg, jax.device_count())
+  s = cfg.sft
+  decay = int(cfg.optim.decay_steps) or int(cfg.train.steps)
+  if int(cfg.optim.warmup_steps) >= decay:
+    raise ConfigError(
+      f"optim.warmup_steps: {cfg.optim.warmup_steps} must be smaller than the decay steps ({decay})"
+    )
+  if not str(cfg.train.init_from):
+    raise ConfigError("train.init_from: required; set it to the pretraining workdir (or its checkpoints dir)")
+  if s.too_long not in ("drop", "truncate"):
+    raise ConfigError(f"sft.too_long: must be 'drop' or 'truncate', got {s.too_long!r}")
+  for key, lo in (
+    ("eval_samples", 0),
+    ("max_new_tokens", 1),
+    ("sample_batch", 1),
+    ("task_train", 1),
+    ("task_eval", 1),
+  ):
+    if int(s[key]) < lo:
+      raise ConfigError(f"sft.{key}: must be >= {lo}, got {s[key]}")
+  if int(s.max_new_tokens) >= model_cfg.max_seq_len:
+    raise ConfigError(
+      f"sft.max_new_tokens: {s.max_new_tokens} leaves no room for a prompt in model.max_seq_len="
+      f"{model_cfg.max_seq_len}"
+    )
+  if not 0.0 < float(s.eval_fraction) < 1.0:
+    raise ConfigError(f"sft.eval_fraction: must be in (0, 1), got {s.eval_fraction}")
+  for key in ("data_path", "eval_path"):
+    if s[key] and not os.path.isfile(s[key]):
+      raise DataError(f"sft.{key}: file {s[key]} does not exist")
+  if s.eval_path and not s.data_path:
+    raise ConfigError(
+      "sft.eval_path: given without sft.data_path (the embedded tasks bring their own eval split)"
+    )
+  if not s.data_path:
+    task_spec(s)
+  return model_cfg
+
+
+# --- the checkpoint to start from -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InitSource:
+  """Where the pretrained model lives: its checkpoint path and the workdir holding its tokenizer."""
+
+  checkpoint: str  # a checkpoints directory (newest valid step) or one step directory
+  workdir: str
+
+
+def resolve_init(path: str) -> InitSource:
+  """Accepts a pretraining workdir, its checkpoints dir, or one step dir; CheckpointError if missing."""
+  p = os.path.abspath(os.path.expanduser(str(path)))
+  if not os.path.exists(p):
+    raise CheckpointError(f"train.init_from: {p} does not exist")
+  if os.path.isdir(os.path.join(p, "checkpoints")):
+    return InitSource(os.path.join(p, "checkpoints"), p)
+  if os.path.isdir(os.path.join(p, "state")):  # one step directory: <workdir>/checkpoints/<step>
+    return InitSource(p, os.path.dirname(os.path.dirname(p)))
+  return InitSource(p, os.path.dirname(p))
+
+
+def saved_model_config(src: InitSource) -> dict | None:
+  """The model config the checkpoint was trained with (its saved extra, else the workdir's config.json)."""
+  ckpt_dir, step = src.checkpoint, None
+  if os.path.isdir(os.path.join(ckpt_dir, "state")):
+    ckpt_dir, step = os.path.dirname(ckpt_dir), int(os.path.basename(ckpt_dir))
+  with ckpt_lib.Checkpointer(ckpt_dir, create=False) as ck:
+    extra = ck.read_extra(step)
+  model = (extra.get("config") or {}).get("model")
+  if model is None and os.path.isfile(os.path.join(src.workdir, "config.json")):
+    with open(os.path.join(src.workdir, "config.json")) as f:
+      model = json.load(f).get("model")
+  return model
+
+
+def check_init(cfg, src: InitSource) -> None:
+  """CheckpointError naming the first model key whose value differs from the checkpoint's."""
+  saved = saved_model_config(src)
+  if saved is None:
+    return  # no config saved: the leaf-by-leaf check of restore_params still names any differing tensor
+  current = config_lib.to_dict(cfg.model)
+  for key in sorted(set(saved) | set(current)):
+    if key in RUNTIME_MODEL_KEYS or saved.get(key) == current.get(key):
+      continue
+    raise CheckpointError(
+      f"model.{key}: {current.get(key)!r} differs from {saved.get(key)!r} in the init checkpoint {src.checkpoint}; "
+      "the SFT model must have the pretraining model's shape"
+    )
+
+
+def restore_init(cfg, src: InitSource | None, abstract_params):
+  """The pretrained params, placed as abstract_params' shardings say (fit calls this only when the
+  workdir has no valid checkpoint: a fresh run, or a resumed one whose checkpoints all failed checks)."""
+  if src is None:
+    src = resolve_init(cfg.train.init_from)
+    check_init(cfg, src)
+  return ckpt_lib.restore_params(src.checkpoint, abstract_params)
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """True when the workdir already holds a finished checkpoint (then the run resumes from it)."""
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return False
+  return any(
+    n.isdigit() and os.path.isfile(os.path.join(d, n, ckpt_lib.INTEGRITY_FILE)) for n in os.listdir(d)
+  )
+
+
+def install_tokenizer(src: InitSource | None, workdir: str, log_fn):
+  """Copies the pretraining tokenizer into <workdir>/tokenizer (once) and returns it loaded."""
+  mine = os.path.join(workdir, "tokenizer")
+  if os.path.isfile(os.path.join(mine, MODEL_FILE)):
+    tok = load_tokenizer(mine)
+    if src is not None:
+      theirs = load_tokenizer(os.path.join(src.workdir, "tokenizer"))
+      if theirs.sha256() != tok.sha256():
+        raise DataError(
+          f"tokenizer {tok.path} differs from the init workdir's {theirs.path}; use a new --workdir"
+        )
+    return tok
+  if src is None:
+    raise DataError(f"tokenizer: {mine}/{MODEL_FILE} is missing")
+  theirs = load_tokenizer(os.path.join(src.workdir, "tokenizer"))
+  os.makedirs(mine, exist_ok=True)
+  for name in (META_FILE, MODEL_FILE):  # the model last: its presence marks a finished copy
+    path = os.path.join(os.path.dirname(theirs.path), name)
+    if os.path.isfile(path):
+      tmp = os.path.join(mine, f"{name}.tmp{os.getpid()}")
+      shutil.copyfile(path, tmp)
+      os.replace(tmp, os.path.join(mine, name))
+  log_fn(f"[sft] tokenizer ({theirs.vocab_size} pieces) copied from {theirs.path}")
+  return load_tokenizer(mine)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def load_data(cfg, workdir: str, log_fn) -> tuple[list, list]:
+  """Returns (train, eval) conversations: the configured files, or the embedded tasks written once
+  into <workdir>/data/ (never overwritten: a resumed run reads what the first run wrote)."""
+  s = cfg.sft
+  if s.data_path:
+    train = sft_data.read_conversations(s.data_path)
+    if s.eval_path:
+      return train, sft_data.read_conversations(s.eval_path)
+    train, held = sft_data.hash_split(train, float(s.eval_fraction))
+    if not held or not train:
+      raise DataError(
+        f"sft.data_path: {s.data_path} is too small to hold out sft.eval_fraction={s.eval_fraction}; "
+        "give sft.eval_path"
+      )
+    return train, held
+  spec, data_dir = task_spec(s), os.path.join(workdir, "data")
+  paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "eval")}
+  for split, n in (("train", int(s.task_train)), ("eval", int(s.task_eval))):
+    if not os.path.isfile(paths[split]) and jax.process_index() == 0:
+      rows = tasks_lib.task_rows(tasks_lib.make_tasks(split, n, int(s.task_seed), spec))
+      tasks_lib.write_jsonl(paths[split], rows)
+      log_fn(f"[sft] wrote {n} {split} tasks ({', '.join(spec.kinds)}) -> {paths[split]}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("gpt_jax_sft_tasks_written")
+  return sft_data.read_conversations(paths["train"]), sft_data.read_conversations(paths["eval"])
+
+
+def report_data(train_enc, eval_enc, too_long: str, log_fn) -> dict:
+  """Logs the counts (never a silent cut) and returns them flat for metrics.jsonl."""
+  out = {}
+  for name, enc in (("train", train_enc), ("eval", eval_enc)):
+    st = enc.stats
+    log_fn(
+      f"[sft] {name}: {st['conversations']} conversations, {st['tokens']} tokens ({st['assistant_tokens']} "
+      f"assistant); too long: {st['dropped_too_long']} dropped, {st['truncated']} truncated (sft.too_long={too_long})"
+    )
+    out.update({f"{name}_{k}": v for k, v in st.items()})
+  return out
+
+
+# --- accuracy -------------------------------------------------------------------------------------
+
+
+def make_accuracy_eval(cfg, model: trainer.Model, tokenizer, convs, log_fn):
+  """Returns extra_eval(params, step) -> {"accuracy", "accuracy_<kind>", ...}: greedy replies to the first
+  sft.eval_samples held-out prompts, graded by exact match with each conversation's last assistant turn."""
+  s = cfg.sft
+  n_new = int(s.max_new_tokens)
+  room = model.cfg.max_seq_len - n_new
+  items, skipped = [], 0
+  for c in convs[: int(s.eval_samples)]:
+    prompt, answer = c.prompt_and_answer()
+    ids = tokenizer.render_chat(prompt, add_generation_prompt=True)[0]
+    if len(ids) > room:
+      skipped += 1
+      continue
+    items.append((ids, answer, c.kind))
+  if skipped:
+    log_fn(
+      f"[sft] accuracy: {skipped} held-out prompts longer than model.max_seq_len - sft.max_new_tokens = "
+      f"{room} tokens are left out"
+    )
+  if not items:
+    return None
+  end_of_turn = tokenizer.special_id("end_of_turn")
+  prompt_len = min(-(-max(len(i[0]) for i in items) // 16) * 16, room)  # rounded: fewer distinct shapes
+  batch = min(int(s.sample_batch), len(items))
+  sampler = sampling.make_sampler(
+    model.cfg,
+    model.graphdef,
+    eos_id=end_of_turn,
+    pad_id=tokenizer.pad_id,
+    max_prompt_len=prompt_len,
+    sample_cfg=sampling.SampleConfig(max_new_tokens=n_new, greedy=True),
+    mesh=model.mesh,
+    params_sharding=model.shardings,
+  )
+
+  def extra_eval(params, step):
+    del step
+    scores: dict[str, list[float]] = {}
+    for lo in range(0, len(items), batch):
+      chunk = items[lo : lo + batch]
+      prompts = [i[0] for i in chunk] + [chunk[0][0]] * (batch - len(chunk))  # one shape: one compile
+      tokens_BP, lengths_B = sampling.pad_prompts(prompts, tokenizer.pad_id, prompt_len)
+      out = jax.device_get(sampler(params, tokens_BP, lengths_B, jax.random.key(0)))
+      for (_, answer, kind), row, n in zip(chunk, out.tokens, out.lengths):
+        reply = [int(t) for t in row[: int(n)] if int(t) != end_of_turn]
+        scores.setdefault(kind, []).append(tasks_lib.grade_text(answer, tokenizer.decode(reply)))
+    result = {"accuracy": float(np.mean([x for v in scores.values() for x in v]))}
+    if len(scores) > 1:
+      result.update({f"accuracy_{k}": float(np.mean(v)) for k, v in sorted(scores.items())})
+    return result
+
+  return extra_eval
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def run(cfg, workdir: str, log_fn=print) -> dict:
+  """Finetunes the init_from checkpoint on the conversations to cfg.train.steps; resumes from the workdir.
+
+  Returns trainer.fit's result plus "data": the dataset counts (also in metrics.jsonl as data/*).
+  """
+  model_cfg = validate(cfg)
+  trainer.check_workdir(workdir)
+  t, s = cfg.train, cfg.sft
+  with ckpt_lib.WorkdirLock(workdir):
+    resuming = has_checkpoint(workdir)
+    src = None
+    if not resuming:  # a resumed run needs nothing from the pretraining workdir any more
+      src = resolve_init(t.init_from)
+      check_init(cfg, src)
+    trainer.save_config(workdir, cfg)
+    tokenizer = install_tokenizer(src, workdir, log_fn)
+    check_vocab(tokenizer, model_cfg.vocab_size)
+    train_convs, eval_convs = load_data(cfg, workdir, log_fn)
+    seq_len = int(t.seq_len)
+    train_enc = sft_data.encode(train_convs, tokenizer, seq_len, s.too_long, "sft train")
+    eval_enc = sft_data.encode(eval_convs, tokenizer, seq_len, s.too_long, "sft eval")
+    data_stats = report_data(train_enc, eval_enc, s.too_long, log_fn)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
+    writer.write(0, data_stats, prefix="data/")
+    writer.close()
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = trainer.Model.build(model_cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    loader_args = dict(
+      global_batch=int(t.global_batch), seq_len=seq_len, sharding=batch_sh, pack=bool(s.pack)
+    )
+    train_loader = sft_data.SftLoader(train_enc, seed=int(s.seed), **loader_args)
+    abstract = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), model.shapes, model.shardings
+    )
+    stage = trainer.Stage(
+      name="sft",
+      loss_fn=lm_loss(model, document_mask=True),
+      train_batches=train_loader,
+      eval_batches=lambda: sft_data.SftLoader(eval_enc, shuffle=False, repeat=False, **loader_args),
+      extra_eval=make_accuracy_eval(cfg, model, tokenizer, eval_convs, log_fn)
+      if int(s.eval_samples)
+      else None,
+      init_params=lambda: restore_init(cfg, src, abstract),
+      tokens_per_step=int(t.global_batch) * seq_len,
+      flops_per_token=model_lib.flops_per_token(model_cfg, seq_len),
+    )
+    if src is not None:
+      log_fn(f"[sft] starting from {src.checkpoint}")
+    result = trainer.fit(cfg, workdir, model, stage, log_fn=log_fn)
+    result["data"] = data_stats
+    return result
