@@ -123,10 +123,17 @@ def main(argv=None) -> None:
   ap.add_argument("--top_k", type=int, default=0)
   ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--peak_gbps", type=float, default=None, help="memory bandwidth for the roofline share")
+  ap.add_argument(
+    "--unroll_layers",
+    action="store_true",
+    help="unroll the layer loop (model.scan_layers=False): one flat graph per decode step",
+  )
   ap.add_argument("--json", default=None, help="also write the results to this file")
   args = ap.parse_args(argv)
 
-  cfg = model.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+  cfg = model.preset(
+    args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=not args.unroll_layers
+  )
   sample_cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate()
   sampling.check_lengths(cfg, args.prompt_len, SampleConfig(max_new_tokens=args.new_tokens))
   graphdef = model.abstract(cfg)[0]
@@ -136,8 +143,9 @@ def main(argv=None) -> None:
   machine = machine_line()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"machine: {machine}")
+  loop = "unrolled" if args.unroll_layers else "scanned"
   print(
-    f"model: {args.preset} {args.dtype}, {n_params / 1e6:.1f}M params, {param_bytes / 1e9:.3f} GB read per step;"
+    f"model: {args.preset} {args.dtype} ({loop} layers), {n_params / 1e6:.1f}M params, {param_bytes / 1e9:.3f} GB read per step;"
     f" prompt {args.prompt_len}, {args.new_tokens} new tokens, peak {peak or 'unknown'} GB/s"
   )
   header = f"{'batch':>5} {'prefill_ms':>10} {'ms/token':>9} {'tokens/s':>10} {'GB/s':>8} {'roofline':>8} {'w/ cache':>8}"
@@ -157,6 +165,7 @@ def main(argv=None) -> None:
       machine=machine,
       preset=args.preset,
       dtype=args.dtype,
+      scan_layers=cfg.scan_layers,
       batch=batch,
       prompt_len=args.prompt_len,
       new_tokens=args.new_tokens,

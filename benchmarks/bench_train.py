@@ -27,8 +27,8 @@ import time
 # XLA flags for GPU runs, all in one place. They must be in the environment before JAX starts its
 # backend, which is why this module sets them before importing jax (see main()).
 GPU_XLA_FLAGS = (
-    # Overlap collectives and async copies with compute (MaxText and the JAX GPU performance guide).
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
+  # Overlap collectives and async copies with compute (MaxText and the JAX GPU performance guide).
+  "--xla_gpu_enable_latency_hiding_scheduler=true",
 )
 
 
@@ -71,20 +71,30 @@ def jax_runner(args):
   from gpt_jax.data import batch as batch_lib
 
   cfg = model.preset(
-      args.preset,
-      dtype=args.dtype,
-      scan_layers=not args.unroll,
-      remat_policy=args.remat_policy,
-      attention_impl=args.attention_impl,
-      **({"max_seq_len": args.seq_len} if args.seq_len else {}),
+    args.preset,
+    dtype=args.dtype,
+    scan_layers=not args.unroll,
+    remat_policy=args.remat_policy,
+    attention_impl=args.attention_impl,
+    **({"max_seq_len": args.seq_len} if args.seq_len else {}),
   )
   T = cfg.max_seq_len
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   graphdef, shapes, axes = model.abstract(cfg)
   params_sh = sharding.tree_shardings(mesh, axes, shapes)
   optim_cfg = ml_collections.ConfigDict(
-      dict(lr_peak=6e-4, lr_end_ratio=0.1, warmup_steps=10, decay_steps=1000, schedule="cosine",
-           weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0)
+    dict(
+      lr_peak=6e-4,
+      lr_end_ratio=0.1,
+      warmup_steps=10,
+      decay_steps=1000,
+      schedule="cosine",
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+    )
   )
   opt, lr = optim.make(optim_cfg, 1000, axes)
   init = lambda: step.init_state(model.split(cfg, 0)[1], opt, 0)
@@ -100,7 +110,7 @@ def jax_runner(args):
 
   batch_sh = sharding.batch_sharding(mesh, 2)
   train_step = step.make_train_step(
-      loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh
+    loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh
   )
   windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, T + 1))
   batch = jax.device_put(batch_lib.from_windows(windows, 0, args.document_mask), batch_sh)
@@ -154,8 +164,15 @@ def torch_runner(args, cfg, compile_model: bool):
 
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  gcfg = GPTConfig(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.num_layers,
-                   n_head=cfg.num_heads, n_embd=cfg.d_model, dropout=0.0, bias=cfg.use_bias)
+  gcfg = GPTConfig(
+    block_size=cfg.max_seq_len,
+    vocab_size=cfg.vocab_size,
+    n_layer=cfg.num_layers,
+    n_head=cfg.num_heads,
+    n_embd=cfg.d_model,
+    dropout=0.0,
+    bias=cfg.use_bias,
+  )
   net = GPT(gcfg).to(dev)
   opt = net.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev)
   fwd = torch.compile(net) if compile_model else net
@@ -266,45 +283,64 @@ def main(argv=None):
     notes["jax (gpt_jax)"] = f"compile {info['compile_s']:.1f} s; " + notes.get("jax (gpt_jax)", "")
 
   # Turns: A B C A B C ... so slow drifts of a shared, noisy machine affect every row alike.
+  # Process CPU time per step is kept beside wall time: on a shared machine it moves far less with
+  # other people's load than wall time does (it counts only the time our threads actually ran).
   times: dict[str, list[float]] = {n: [] for n in runners}
+  cpu_times: dict[str, list[float]] = {n: [] for n in runners}
   for _ in range(args.rounds):
     for name, run in runners.items():
       for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times[name].append(time.perf_counter() - t0)
+        cpu_times[name].append(time.process_time() - c0)
 
   device = jax.devices()[0]
   tokens = args.batch * cfg.max_seq_len
   fpt = model.flops_per_token(cfg, cfg.max_seq_len)
   peak = args.peak_flops or metrics.peak_flops_per_device(device, args.dtype)
   measured = jax_matmul_flops(args.dtype, args.matmul_n)
-  print(f"\nmachine: {machine_line()}; JAX {jax.__version__} on {device.device_kind} "
-        f"({jax.device_count()} device(s)); torch threads: {torch_threads}")
+  print(
+    f"\nmachine: {machine_line()}; JAX {jax.__version__} on {device.device_kind} "
+    f"({jax.device_count()} device(s)); torch threads: {torch_threads}"
+  )
   print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
-  print(f"config: preset={args.preset} L={cfg.num_layers} H={cfg.num_heads} D={cfg.d_model} "
-        f"T={cfg.max_seq_len} V={cfg.vocab_size} B={args.batch} dtype={args.dtype} scan={cfg.scan_layers} "
-        f"remat={cfg.remat_policy} attention={cfg.attention_impl} document_mask={args.document_mask}")
-  line = f"model FLOPs/token (6N + 12LHQT): {fpt / 1e6:.1f} M; measured {args.dtype} matmul peak " \
-         f"(n={args.matmul_n}): JAX {measured / 1e9:.1f} GFLOP/s"
+  print(
+    f"config: preset={args.preset} L={cfg.num_layers} H={cfg.num_heads} D={cfg.d_model} "
+    f"T={cfg.max_seq_len} V={cfg.vocab_size} B={args.batch} dtype={args.dtype} scan={cfg.scan_layers} "
+    f"remat={cfg.remat_policy} attention={cfg.attention_impl} document_mask={args.document_mask}"
+  )
+  line = (
+    f"model FLOPs/token (6N + 12LHQT): {fpt / 1e6:.1f} M; measured {args.dtype} matmul peak "
+    f"(n={args.matmul_n}): JAX {measured / 1e9:.1f} GFLOP/s"
+  )
   if args.nanogpt_dir and args.dtype == "float32" and device.platform == "cpu":
     line += f", torch {torch_matmul_flops(args.matmul_n) / 1e9:.1f} GFLOP/s"
   print(line)
-  print(f"timed: {args.rounds} turns x {args.steps} steps per implementation, warm-up excluded; median")
+  print(
+    f"timed: {args.rounds} turns x {args.steps} steps per implementation, warm-up excluded; ms/step and "
+    "tokens/s are wall-clock medians, CPU ms the median process CPU time per step (all threads)"
+  )
   ref = statistics.median(times["torch eager (nanoGPT)"]) if times.get("torch eager (nanoGPT)") else None
-  head = f"{'implementation':<26}{'ms/step':>10}{'tokens/s':>11}{'vs eager':>10}{'MFU(spec)':>11}" \
-         f"{'MFU(meas)':>11}  notes"
+  head = (
+    f"{'implementation':<26}{'ms/step':>10}{'min ms':>10}{'tokens/s':>11}{'vs eager':>10}"
+    f"{'CPU ms':>10}{'MFU(spec)':>11}{'MFU(meas)':>11}  notes"
+  )
   print(head + "\n" + "-" * len(head))
   for name in list(times) + [n for n in notes if n not in times]:
     if name not in times:
-      print(f"{name:<26}{'-':>10}{'-':>11}{'-':>10}{'-':>11}{'-':>11}  {notes[name]}")
+      print(f"{name:<26}{'-':>10}{'-':>10}{'-':>11}{'-':>10}{'-':>10}{'-':>11}{'-':>11}  {notes[name]}")
       continue
     med = statistics.median(times[name])
     tps = tokens / med
     ratio = f"{ref / med:.2f}x" if ref else "-"
     mfu_spec = f"{100 * tps * fpt / peak:.1f}%" if peak else "n/a"
     mfu_meas = f"{100 * tps * fpt / measured:.1f}%"
-    print(f"{name:<26}{1e3 * med:>10.1f}{tps:>11.0f}{ratio:>10}{mfu_spec:>11}{mfu_meas:>11}  {notes[name]}")
+    cpu_ms = _median_ms(cpu_times[name])
+    print(
+      f"{name:<26}{1e3 * med:>10.1f}{1e3 * min(times[name]):>10.1f}{tps:>11.0f}{ratio:>10}{cpu_ms:>10.0f}"
+      f"{mfu_spec:>11}{mfu_meas:>11}  {notes[name]}"
+    )
   mem = jax_peak_memory(device) if not args.no_jax else "-"
   print(f"peak memory: jax {mem}; torch {torch_peak_memory() if args.nanogpt_dir else '-'}")
 

@@ -434,6 +434,13 @@ def apply(graphdef, params, inputs_BT, positions_BT=None, segment_ids_BT=None, *
   return nnx.merge(graphdef, params)(inputs_BT, positions_BT, segment_ids_BT, **kwargs)
 
 
+def output_head_DV(cfg: ModelConfig, params) -> Array:
+  """The (D, V) output projection in the compute dtype: the transposed input embedding when tied,
+  else lm_head. With `Output.hidden` it feeds losses.chunked_next_token_xent."""
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return w.astype(jnp.dtype(cfg.dtype))
+
+
 def param_count(cfg: ModelConfig) -> int:
   _, shapes, _ = abstract(cfg)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

@@ -347,7 +347,8 @@ def generate(
 ) -> list[list[int]]:
   """Samples a continuation of each prompt. Returns one token list per prompt (eos included if produced)."""
   sample_cfg.validate()
-  longest = max((len(p) for p in prompts), default=0)
+  _, lengths_B = pad_prompts(prompts, pad_id)  # validates the prompts
+  longest = int(lengths_B.max())
   check_lengths(cfg, longest, sample_cfg)
   P = _bucket(longest, cfg.max_seq_len - sample_cfg.max_new_tokens)
   tokens_BP, lengths_B = pad_prompts(prompts, pad_id, P)
@@ -389,6 +390,7 @@ def stream(
   and the rng schedule are those of row 0 of `make_sampler` with the same seed.
   """
   sample_cfg.validate()
+  pad_prompts([prompt], pad_id=0)  # validates the prompt
   check_lengths(cfg, len(prompt), sample_cfg)
   P = _bucket(len(prompt), cfg.max_seq_len - sample_cfg.max_new_tokens)
   tokens_BP, lengths_B = pad_prompts([prompt], pad_id=0, max_len=P)

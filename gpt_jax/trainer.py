@@ -22,7 +22,7 @@ from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
-from gpt_jax import optim, sharding
+from gpt_jax import heads, optim, sharding
 from gpt_jax import step as step_lib
 from gpt_jax.errors import ConfigError, TrainingError
 
@@ -51,16 +51,33 @@ class Model:
   shardings: Any  # NamedSharding per param
 
   @classmethod
-  def build(cls, model_cfg: model_lib.ModelConfig, mesh) -> Model:
+  def build(cls, model_cfg: model_lib.ModelConfig, mesh, *, head: bool = False) -> Model:
+    """head=True adds a scalar head (reward / value model, see heads.py) beside the transformer."""
     graphdef, shapes, axes = model_lib.abstract(model_cfg)
+    if head:
+      shapes = {**shapes, heads.HEAD: heads.head_shapes(model_cfg.d_model)}
+      axes = {**axes, heads.HEAD: heads.head_axes()}
     return cls(model_cfg, mesh, graphdef, shapes, axes, sharding.tree_shardings(mesh, axes, shapes))
+
+  @property
+  def has_head(self) -> bool:
+    return heads.HEAD in self.shapes
 
   def init_params(self, seed: int):
     """Random params created directly sharded (never whole on one device)."""
-    return jax.jit(lambda: model_lib.split(self.cfg, seed)[1], out_shardings=self.shardings)()
+
+    def init():
+      params = model_lib.split(self.cfg, seed)[1]
+      if self.has_head:
+        params[heads.HEAD] = heads.init_head(self.cfg.d_model)
+      return params
+
+    return jax.jit(init, out_shardings=self.shardings)()
 
   def apply(self, params, *args, **kwargs) -> model_lib.Output:
-    return model_lib.apply(self.graphdef, params, *args, **kwargs)
+    """The transformer's forward pass (a head, if any, is left to the caller: heads.score_at)."""
+    trunk, _ = heads.split_head(params)
+    return model_lib.apply(self.graphdef, trunk, *args, **kwargs)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import pytest
 
 from gpt_jax import model as model_lib
 from gpt_jax import sharding
-from gpt_jax.errors import CheckpointError, ConfigError
+from gpt_jax.errors import CheckpointError, ConfigError, DataError
 from gpt_jax.interop import hf
 
 torch = pytest.importorskip(
@@ -366,7 +366,11 @@ def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
   assert (wrapped.vocab_size, wrapped.eos_id, wrapped.bos_id) == (sp.get_piece_size(), 2, 1)
   assert wrapped.encode(TEXTS[0]) == sp.encode(TEXTS[0])
   assert wrapped.decode(wrapped.encode(TEXTS[0])) == TEXTS[0]
-  with pytest.raises(Exception, match="neither tokenizer.model nor tokenizer.json"):
+  # An import carries the tokenizer along.
+  hf.import_hf(str(out), str(tmp_path / "ckpt"))
+  carried = hf.load_hf_tokenizer(str(tmp_path / "ckpt" / "hf_tokenizer"))
+  assert carried.encode(TEXTS[1]) == sp.encode(TEXTS[1])
+  with pytest.raises(DataError, match="neither tokenizer.model nor tokenizer.json"):
     hf.load_hf_tokenizer(str(tmp_path))
   shutil.rmtree(out)
 

@@ -251,6 +251,13 @@ def test_bad_lengths_and_settings_raise_config_error(llama):
     make(8, temperature=-1.0)
   with pytest.raises(ConfigError, match=r"prompts\[1\]: has 9 tokens, more than max_len 8"):
     sampling.pad_prompts([[1], list(range(9))], 0, 8)
+  with pytest.raises(ConfigError, match=r"prompts\[1\]: is empty"):
+    sampling.generate(None, graphdef, cfg, [[1], []], eos_id=1, pad_id=0)
+  sampler = make(8, max_new_tokens=4)  # shapes and lengths are checked before anything compiles
+  with pytest.raises(ConfigError, match=r"lengths_B: prompt lengths must be in \[1, 8\], got \[0, 3\]"):
+    sampler(None, np.zeros((2, 8), np.int32), np.asarray([0, 3], np.int32), None)
+  with pytest.raises(ConfigError, match=r"tokens_BP: expected shape \(B, 8\)"):
+    sampler(None, np.zeros((2, 5), np.int32), np.asarray([1, 3], np.int32), None)
   with pytest.raises(ConfigError, match="max_seq_len"):
     list(
       sampling.stream(

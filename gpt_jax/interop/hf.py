@@ -13,6 +13,7 @@ Import reads one tensor at a time and places it on the mesh as it goes:
 An imported checkpoint is a directory that `checkpoint.restore_params(dir, abstract)` reads directly:
   <dir>/model_config.json   the ModelConfig fields (plus where the weights came from)
   <dir>/state/              orbax PyTree {"params": params}
+  <dir>/hf_tokenizer/       the model's tokenizer files, when it has any (load_hf_tokenizer reads them)
   <dir>/_INTEGRITY.json     size + crc32 of every file (written last, so a partial import never counts)
 
 Export gathers one tensor at a time and writes safetensors files of at most `max_shard_bytes`
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model_config.json"
 STATE = "state"
+# The HF tokenizer travels with an import, apart from <dir>/tokenizer/ (the project's own SentencePiece
+# models with gpt_jax's special tokens live there; an HF tokenizer generally lacks them).
+TOKENIZER_DIR = "hf_tokenizer"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -147,6 +152,15 @@ def load_hf_params(model_dir: str, cfg: model_lib.ModelConfig, *, mesh=None, axe
 # --- gpt_jax checkpoint of an import ----------------------------------------------------------------
 
 
+def _copy_tokenizer(model_dir: str, dest: str) -> None:
+  """Copies the HF tokenizer files that exist (load them with load_hf_tokenizer(dest))."""
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]
+  if names:
+    os.makedirs(dest, exist_ok=True)
+    for n in names:
+      shutil.copyfile(os.path.join(model_dir, n), os.path.join(dest, n))
+
+
 def import_hf(model_dir: str, out_dir: str, *, mesh_cfg=None, **overrides) -> model_lib.ModelConfig:
   """Converts a Hugging Face model directory into a gpt_jax checkpoint directory; returns its ModelConfig.
 
@@ -168,6 +182,10 @@ def import_hf(model_dir: str, out_dir: str, *, mesh_cfg=None, **overrides) -> mo
   partial = out_dir + ".partial"
   if jax.process_index() == 0 and os.path.exists(partial):
     shutil.rmtree(partial)  # our own unfinished import from an earlier, interrupted run
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("gpt_jax import_hf: partial dir cleared")
   ckptr = ocp.PyTreeCheckpointer()
   ckptr.save(os.path.join(partial, STATE), args=ocp.args.PyTreeSave({"params": params}))
   ckptr.close()
@@ -175,6 +193,7 @@ def import_hf(model_dir: str, out_dir: str, *, mesh_cfg=None, **overrides) -> mo
     meta = {**dataclasses.asdict(cfg), "_source": {"hf_dir": os.path.abspath(model_dir)}}
     with open(os.path.join(partial, MODEL_CONFIG), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
+    _copy_tokenizer(model_dir, os.path.join(partial, TOKENIZER_DIR))
     write_integrity_record(partial)
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty (checked above)

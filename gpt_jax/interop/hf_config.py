@@ -79,7 +79,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
       num_layers=int(_need(hf, "n_layer")),
       num_heads=heads,
       d_model=d_model,
-      d_ff=int(hf.get("n_inner") or 0),
+      d_ff=0 if int(hf.get("n_inner") or 0) in (0, 4 * d_model) else int(hf["n_inner"]),  # 0: 4 * d_model
       norm="layernorm",
       norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
       pos_emb="learned",

@@ -1,0 +1,248 @@
+"""Multi-process runs on JAX's own distributed runtime (GPU nodes, TPU slices, CPU hosts).
+
+Every process runs the same command; `initialize` joins them into one JAX job, after which
+jax.devices() lists all processes' devices, the mesh spans them all, each process feeds only its
+rows of every batch, and orbax writes checkpoints from all processes together.
+
+Where the job's shape comes from, first match wins:
+  1. explicit arguments (the CLI flags --coordinator_address / --num_processes / --process_id);
+  2. GPT_JAX_COORDINATOR_ADDRESS / GPT_JAX_NUM_PROCESSES / GPT_JAX_PROCESS_ID
+     (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+  3. JAX's cluster auto-detection (Cloud TPU, SLURM, Open MPI), when such an environment is present;
+  4. otherwise a plain single-process run: nothing to initialize.
+
+Misconfigurations end with one-line ConfigErrors on every process rather than a hang: arguments are
+checked before connecting, connecting has a deadline, and after connecting the processes compare
+what each was told (process count, config fingerprint) through the coordinator's key-value store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+
+from gpt_jax.errors import ConfigError
+
+log = logging.getLogger("gpt_jax")
+
+ENV_ADDRESS = ("GPT_JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+ENV_NUM_PROCESSES = ("GPT_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+ENV_PROCESS_ID = ("GPT_JAX_PROCESS_ID", "JAX_PROCESS_ID")
+ENV_TIMEOUT = "GPT_JAX_INIT_TIMEOUT_S"  # seconds to wait for all processes to connect (default 300)
+ENV_MODE = "GPT_JAX_DISTRIBUTED"  # "auto" (default), "1": always initialize, "0": never
+DEFAULT_TIMEOUT_S = 300
+
+_state = {"requested": None}  # what this process asked for, for describe()
+
+
+def _env(names: Sequence[str]) -> tuple[str, str] | None:
+  """Returns (name, value) of the first set environment variable among names, else None."""
+  for name in names:
+    value = os.environ.get(name, "").strip()
+    if value:
+      return name, value
+  return None
+
+
+def _int_arg(value, env_names: Sequence[str], what: str) -> int | None:
+  if value is not None:
+    source = f"--{what}"
+  else:
+    found = _env(env_names)
+    if found is None:
+      return None
+    source, value = found
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{source}: expected an integer, got {value!r}") from None
+
+
+def detected_cluster() -> str | None:
+  """Returns the name of the cluster environment JAX would auto-detect (TPU, SLURM, Open MPI), or None."""
+  try:  # JAX's own detectors, so that we agree with jax.distributed.initialize() on what is present.
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+      if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
+        return env.__name__
+    return None
+  except Exception:  # noqa: BLE001 - private API of JAX; fall back to the variables the launchers set.
+    for var, name in (("SLURM_JOB_ID", "SlurmCluster"), ("OMPI_MCA_orte_hnp_uri", "OmpiCluster")):
+      if var in os.environ:
+        return name
+    return None
+
+
+def is_initialized() -> bool:
+  """True once this process has joined a multi-process job."""
+  from jax._src import distributed as jax_distributed
+
+  return jax_distributed.global_state.client is not None
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    *,
+    timeout_s: int | None = None,
+) -> bool:
+  """Joins this process to the job described by the arguments, the environment, or the cluster.
+
+  Must run before anything touches JAX devices. Returns True when a multi-process job was joined,
+  False for a plain single-process run (nothing given, no cluster detected, or GPT_JAX_DISTRIBUTED=0).
+  Raises ConfigError (one line) when the settings are incomplete or inconsistent, when not all
+  processes connect within timeout_s, or when processes disagree on the process count.
+  """
+  mode = os.environ.get(ENV_MODE, "auto").strip().lower()
+  if mode not in ("auto", "0", "1"):
+    raise ConfigError(f"{ENV_MODE}: expected 'auto', '0' or '1', got {mode!r}")
+  if is_initialized():
+    return True
+  if coordinator_address is None and (found := _env(ENV_ADDRESS)):
+    coordinator_address = found[1]
+  num_processes = _int_arg(num_processes, ENV_NUM_PROCESSES, "num_processes")
+  process_id = _int_arg(process_id, ENV_PROCESS_ID, "process_id")
+  timeout_s = _int_arg(timeout_s, (ENV_TIMEOUT,), "init_timeout_s") or DEFAULT_TIMEOUT_S
+  explicit = (coordinator_address, num_processes, process_id)
+  cluster = detected_cluster()
+  if mode == "0" or (mode == "auto" and all(v is None for v in explicit) and cluster is None):
+    return False
+  if cluster is None and None in explicit:
+    missing = [n for n, v in zip(("coordinator_address", "num_processes", "process_id"), explicit) if v is None]
+    raise ConfigError(
+        f"--{missing[0]}: needed for a multi-process run outside TPU/SLURM/Open MPI (also missing: "
+        f"{', '.join(missing[1:]) or 'nothing'}); set it or GPT_JAX_{missing[0].upper()}"
+    )
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes: must be >= 1, got {num_processes}")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id: {process_id} is out of range for --num_processes={num_processes} (expected 0..{num_processes - 1})")
+  if coordinator_address is not None and ":" not in coordinator_address:
+    raise ConfigError(f"--coordinator_address: expected HOST:PORT, got {coordinator_address!r}")
+  # CPU hosts exchange data over gloo; without it cross-process collectives on CPU are unsupported.
+  # The option only concerns the CPU backend, so setting it on GPU/TPU hosts changes nothing there.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        local_device_ids,
+        initialization_timeout=int(timeout_s),
+    )
+  except RuntimeError as e:
+    if "must be called before" in str(e) or "only be called once" in str(e):
+      raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
+    raise ConfigError(
+        f"process {process_id}: could not join the {num_processes}-process job at {coordinator_address} within "
+        f"{timeout_s}s ({_first_line(e)}); check that every process got the same --num_processes, a distinct "
+        "--process_id and the same --coordinator_address"
+    ) from None
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
+  _state["requested"] = num_processes
+  # Every process states what it was told; all compare, so a disagreement fails everywhere at once.
+  views = exchange("num_processes", str(num_processes if num_processes is not None else jax.process_count()),
+                   timeout_s=timeout_s)
+  bad = {p: v for p, v in views.items() if v != str(jax.process_count())}
+  if bad:
+    p, v = sorted(bad.items())[0]
+    raise ConfigError(
+        f"--num_processes: process {p} was started with {v} but the coordinator at {coordinator_address} "
+        f"counts {jax.process_count()} processes; give every process the same --num_processes"
+    )
+  log.info("%s", describe())
+  return True
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def exchange(tag: str, value: str, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> dict[int, str]:
+  """Publishes `value` under `tag` and returns {process index: value} from every process.
+
+  Uses the coordinator's key-value store (no devices involved), so it works before any mesh exists
+  and fails with ConfigError after timeout_s instead of hanging. Single-process: {0: value}.
+  """
+  if jax.process_count() == 1 or not is_initialized():
+    return {0: value}
+  from jax._src import distributed as jax_distributed
+
+  client = jax_distributed.global_state.client
+  me = jax.process_index()
+  client.key_value_set(f"gpt_jax/{tag}/{me}", value)
+  out = {}
+  for p in range(jax.process_count()):
+    try:
+      out[p] = client.blocking_key_value_get(f"gpt_jax/{tag}/{p}", int(timeout_s) * 1000)
+    except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
+      raise ConfigError(f"process {me}: process {p} did not report {tag!r} within {timeout_s}s ({_first_line(e)})") from None
+  return out
+
+
+def check_same_config(cfg_dict: dict, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+  """ConfigError on every process unless all processes were given the same config (compared by hash)."""
+  digest = hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  views = exchange("config_sha256", digest, timeout_s=timeout_s)
+  differ = sorted(p for p, d in views.items() if d != views[0])
+  if differ:
+    raise ConfigError(
+        f"--config: process {differ[0]} was given a different config than process 0 "
+        f"(sha256 {views[differ[0]]} vs {views[0]}); every process must get the same flags"
+    )
+
+
+def is_main() -> bool:
+  """True on the process that writes logs, metrics and other single-copy files (process 0)."""
+  return jax.process_index() == 0
+
+
+def describe() -> str:
+  """Returns e.g. 'process 1/2 on host-a: 4 local of 8 global devices (cpu)'."""
+  import socket
+
+  return (
+      f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "
+      f"{jax.local_device_count()} local of {jax.device_count()} global devices ({jax.default_backend()})"
+  )
+
+
+def check_train(cfg) -> None:
+  """Checks that cfg's batch and mesh fit this job's processes and devices (one-line ConfigError).
+
+  Every process runs the same check on the same config, so all of them fail together, before any
+  compile or collective that would otherwise wait for the failed ones.
+  """
+  t = cfg.train
+  n_proc = jax.process_count()
+  sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
+  n_dev = jax.device_count()
+  fixed = 1
+  for s in sizes.values():
+    fixed *= s if s != -1 else 1
+  if (-1 not in sizes.values() and fixed != n_dev) or (-1 in sizes.values() and n_dev % fixed):
+    raise ConfigError(
+        f"mesh: data*fsdp*tensor = {sizes} must cover all {n_dev} global devices "
+        f"({n_proc} processes x {jax.local_device_count()} local); set one axis to -1 or multiply the sizes to {n_dev}"
+    )
+  if int(t.global_batch) % n_proc:
+    raise ConfigError(
+        f"train.global_batch: {t.global_batch} is not divisible by the {n_proc} processes "
+        "(each process loads an equal share of every batch)"
+    )
+  micro = int(t.global_batch) // max(int(t.grad_accum), 1)
+  if micro % n_proc:
+    raise ConfigError(
+        f"train.grad_accum: microbatches of {micro} rows (train.global_batch={t.global_batch} / "
+        f"{t.grad_accum}) are not divisible by the {n_proc} processes"
+    )
