@@ -38,14 +38,31 @@ def tok(tmp_path_factory):
   return train_tokenizer(corpus_docs(), str(tmp_path_factory.mktemp("tok")), vocab_size=400)
 
 
-def lm(tok, family: str = "llama"):
-  name = "tiny" if family == "llama" else "tiny_gpt2"
-  extra = dict(num_kv_heads=2) if family == "llama" else {}
-  cfg = model.preset(
-    name, **{**TINY, **extra, "vocab_size": tok.vocab_size, "max_seq_len": 64, "init_std": 0.2}
-  )
-  graphdef, params = model.split(cfg, 0)
-  return cfg, graphdef, params
+ROWS = 3  # every forward below runs on (3, 64) batches: one compile per model family
+
+
+@pytest.fixture(scope="module")
+def forward(tok):
+  """family -> jitted (batch of ROWS rows) -> logits, for a random tiny model of that family."""
+  fns = {}
+  for family, name, extra in (("llama", "tiny", dict(num_kv_heads=2)), ("gpt2", "tiny_gpt2", {})):
+    cfg = model.preset(
+      name, **{**TINY, **extra, "vocab_size": tok.vocab_size, "max_seq_len": 64, "init_std": 0.2}
+    )
+    graphdef, params = model.split(cfg, 0)
+    fns[family] = jax.jit(
+      lambda b, g=graphdef, p=params: model.apply(g, p, b["inputs"], b["positions"], b["segment_ids"]).logits
+    )
+  return fns
+
+
+def padded(enc, rows, T=64):
+  return sft_data.rows_to_batch(enc, list(rows) + [[]] * (ROWS - len(rows)), T)
+
+
+def xent(batch, logits):
+  """(loss_sum, weight) of the shared next-token loss."""
+  return np.asarray(losses.next_token_xent(logits, batch["targets"], batch["loss_mask"])[:2])
 
 
 def conv(user: str, answer: str, system: str | None = None) -> sft_data.Conversation:
@@ -66,7 +83,7 @@ CONVS = [
 # --- rendering, mask, packing ------------------------------------------------------------------------
 
 
-def test_loss_counts_only_assistant_tokens(tok):
+def test_loss_counts_only_assistant_tokens(tok, forward):
   two_turns = sft_data.Conversation(
     [
       {"role": "system", "content": "Be brief."},
@@ -83,15 +100,9 @@ def test_loss_counts_only_assistant_tokens(tok):
   assert learned == tok.encode("1 2 3") + [eot] + tok.encode("AB") + [eot]
   assert enc.stats["assistant_tokens"] == len(learned)
 
-  cfg, graphdef, params = lm(tok)
-  loss = jax.jit(
-    lambda b: losses.next_token_xent(
-      model.apply(graphdef, params, b["inputs"], b["positions"], b["segment_ids"]).logits,
-      b["targets"],
-      b["loss_mask"],
-    )[:2]
-  )
-  base = np.asarray(loss(b))
+  b = padded(enc, [[0]])
+  logits = np.asarray(forward["llama"](b))
+  base = xent(b, logits)
   # Altering every prompt (and padding) target leaves the loss as it is ...
   rng = np.random.default_rng(0)
   alt = dict(
@@ -99,22 +110,21 @@ def test_loss_counts_only_assistant_tokens(tok):
     targets=np.where(b["loss_mask"] == 0, rng.integers(4, tok.vocab_size, b["targets"].shape), b["targets"]),
   )
   assert not np.array_equal(alt["targets"], b["targets"])
-  np.testing.assert_array_equal(np.asarray(loss(alt)), base)
+  np.testing.assert_array_equal(xent(alt, logits), base)
   # ... while altering one assistant target changes it.
   i = int(np.argmax(b["loss_mask"][0]))
   one = dict(b, targets=b["targets"].copy())
   one["targets"][0, i] = (one["targets"][0, i] + 1) % tok.vocab_size
-  assert np.asarray(loss(one))[0] != base[0]
+  assert xent(one, logits)[0] != base[0]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_packed_row_equals_conversations_alone(tok, family):
-  cfg, graphdef, params = lm(tok, family)
+def test_packed_row_equals_conversations_alone(tok, forward, family):
   T = 64
   enc = sft_data.encode(CONVS, tok, T, "drop", "t")
   assert enc.lengths.sum() <= T + 1
-  packed = sft_data.rows_to_batch(enc, [[0, 1, 2]], T)
-  alone = sft_data.rows_to_batch(enc, [[0], [1], [2]], T)
+  packed = padded(enc, [[0, 1, 2]])
+  alone = padded(enc, [[0], [1], [2]])
   # Layout: segments 1, 2, 3 then padding; positions restart; the cross-conversation target is masked.
   n0, n1, n2 = (int(x) for x in enc.lengths)
   seg = packed["segment_ids"][0]
@@ -122,14 +132,12 @@ def test_packed_row_equals_conversations_alone(tok, family):
   assert packed["positions"][0, n0] == 0 and packed["positions"][0, n0 + n1 + 5] == 5
   assert packed["loss_mask"][0, n0 - 1] == 0 and seg[n0 + n1 + n2 :].tolist() == [0] * (T - n0 - n1 - n2)
 
-  fwd = jax.jit(lambda b: model.apply(graphdef, params, b["inputs"], b["positions"], b["segment_ids"]).logits)
-  lp, la = np.asarray(fwd(packed)), np.asarray(fwd(alone))
+  lp, la = np.asarray(forward[family](packed)), np.asarray(forward[family](alone))
   o = 0
   for r, n in enumerate((n0, n1, n2)):
     np.testing.assert_allclose(lp[0, o : o + n], la[r, :n], atol=2e-5, rtol=1e-5)
     o += n
   # And so the packed loss is the sum of the separate ones.
-  xent = lambda b, lg: np.asarray(losses.next_token_xent(lg, b["targets"], b["loss_mask"])[:2])
   np.testing.assert_allclose(xent(packed, lp), xent(alone, la), rtol=1e-5)
 
 
@@ -273,12 +281,12 @@ def pretrained(tmp_path_factory):
   corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs(400)))
   overrides = {
     **MODEL_OVERRIDES,
-    "train.steps": 4,
+    "train.steps": 2,
     "train.global_batch": 8,
     "train.seq_len": 64,
-    "train.eval_every": 4,
-    "train.checkpoint_every": 4,
-    "train.eval_batches": 1,
+    "train.eval_every": 2,
+    "train.checkpoint_every": 2,
+    "train.eval_batches": 0,
     "train.progress_bar": False,
     "train.async_checkpoint": False,
     "optim.warmup_steps": 1,
@@ -331,16 +339,21 @@ def train_losses(workdir):
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
+  """An SFT run stopped after 3 steps, then resumed to 6 with an eval (loss and accuracy) at the end."""
   from gpt_jax.stages import sft
 
   workdir = str(tmp_path_factory.mktemp("sft") / "run")
+  sft.run(sft_cfg(pretrained, **{"train.steps": 3, "train.eval_batches": 0}), workdir, log_fn=lambda *a: None)
+  first = train_losses(workdir)
   logs = []
   result = sft.run(sft_cfg(pretrained), workdir, log_fn=logs.append)
-  return workdir, result, logs
+  return workdir, result, logs, first
 
 
 def test_sft_run_learns_and_reports_accuracy(finetuned):
-  workdir, result, logs = finetuned
+  workdir, result, logs, first = finetuned
+  assert sorted(first) == [1, 2, 3]
+  assert any("resumed from step 3" in line for line in logs)
   losses_by_step = train_losses(workdir)
   assert sorted(losses_by_step) == [1, 2, 3, 4, 5, 6]
   assert losses_by_step[6] < losses_by_step[1] - 0.3, losses_by_step
@@ -359,14 +372,10 @@ def test_sft_run_learns_and_reports_accuracy(finetuned):
 def test_resume_gives_the_uninterrupted_losses(pretrained, finetuned, tmp_path):
   from gpt_jax.stages import sft
 
-  workdir = str(tmp_path / "resumed")
-  quiet = lambda *a: None
-  sft.run(sft_cfg(pretrained, **{"train.steps": 3, "train.eval_batches": 0}), workdir, log_fn=quiet)
-  assert sorted(train_losses(workdir)) == [1, 2, 3]
-  logs = []
-  sft.run(sft_cfg(pretrained, **{"train.eval_batches": 0}), workdir, log_fn=logs.append)
-  assert any("resumed from step 3" in line for line in logs)
-  want, got = train_losses(finetuned[0]), train_losses(workdir)
+  workdir = str(tmp_path / "straight")
+  overrides = {"train.eval_batches": 0, "train.checkpoint_every": 6}
+  sft.run(sft_cfg(pretrained, **overrides), workdir, log_fn=lambda *a: None)
+  want, got = train_losses(workdir), train_losses(finetuned[0])
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-6)
 
 

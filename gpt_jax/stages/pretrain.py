@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 
 from gpt_jax import config as config_lib
@@ -44,6 +47,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
         cfg.data, workdir, token_budget=tokens_per_step * int(t.steps), tokens_per_batch=tokens_per_step, log=log_fn
     )
     data_lib.check_vocab(prepared.tokenizer, model_cfg.vocab_size)
+    write_data_summary(workdir, prepared)
     mesh = sharding.make_mesh(cfg.mesh)
     model = trainer.Model.build(model_cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -66,3 +70,23 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
       return trainer.fit(cfg, workdir, model, stage, log_fn=log_fn)
     finally:
       train_loader.close()
+
+
+def write_data_summary(workdir: str, prepared) -> None:
+  """data_summary.json: the mixture table and tokenizer figures, for reports and notebooks."""
+  tok = prepared.tokenizer
+  summary = {
+      "mixture": prepared.mixture_table,
+      "tokenizer": {
+          "vocab_size": tok.vocab_size,
+          "eval_bytes_per_token": prepared.eval_bytes_per_token,
+          "special_tokens": {n: tok.special_id(n) for n in ("bos", "eos", "pad", "system", "user", "assistant",
+                                                           "end_of_turn")},
+          "sha256": tok.sha256(),
+      },
+      "train_tokens": prepared.train_tokens,
+      "eval_tokens": prepared.eval_tokens,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
