@@ -67,8 +67,9 @@ def jax_runner(args):
   import ml_collections
   import numpy as np
 
-  from gpt_jax import losses, model, optim, sharding, step
+  from gpt_jax import losses, model, optim, sharding, step, trainer
   from gpt_jax.data import batch as batch_lib
+  from gpt_jax.stages import pretrain
 
   cfg = model.preset(
     args.preset,
@@ -101,12 +102,19 @@ def jax_runner(args):
   state_sh = step.state_shardings(mesh, opt, params_sh, jax.eval_shape(init))
   state = jax.jit(init, out_shardings=state_sh)()
 
-  def loss_fn(params, batch, rng):
-    # Pretraining without document masking passes segment_ids=None (the causal-only attention path),
-    # as nanoGPT does; --document_mask times the packed-documents path instead.
-    seg = batch["segment_ids"] if args.document_mask else None
-    out = model.apply(graphdef, params, batch["inputs"], batch["positions"], seg)
-    return losses.next_token_xent(out.logits, batch["targets"], batch["loss_mask"])
+  if args.xent_chunk:
+    # Cross-entropy straight from the hidden states, chunk by chunk (never the whole batch's logits).
+    def loss_fn(params, batch, rng):
+      seg = batch["segment_ids"] if args.document_mask else None
+      out = model.apply(graphdef, params, batch["inputs"], batch["positions"], seg, compute_logits=False)
+      head_DV = model.output_head_DV(cfg, params)
+      return losses.chunked_next_token_xent(
+        out.hidden, head_DV, batch["targets"], batch["loss_mask"], chunk_len=args.xent_chunk
+      )
+  else:
+    # Exactly the pretraining stage's loss; without --document_mask it passes segment_ids=None (the
+    # causal-only attention path), as nanoGPT does.
+    loss_fn = pretrain.lm_loss(trainer.Model.build(cfg, mesh), document_mask=args.document_mask)
 
   batch_sh = sharding.batch_sharding(mesh, 2)
   train_step = step.make_train_step(
@@ -227,6 +235,12 @@ def parse_args(argv=None):
   p.add_argument("--attention_impl", default="auto", help="auto | xla | cudnn")
   p.add_argument("--unroll", action="store_true", help="unroll the layer loop instead of lax.scan")
   p.add_argument("--remat_policy", default="none", help="none | full | dots | dots_no_batch")
+  p.add_argument(
+    "--xent_chunk",
+    type=int,
+    default=0,
+    help="time steps per chunk of the chunked cross-entropy (0: full logits, as pretraining)",
+  )
   p.add_argument("--document_mask", action="store_true", help="time the packed-documents attention path")
   p.add_argument("--rounds", type=int, default=5, help="turns each implementation takes")
   p.add_argument("--steps", type=int, default=2, help="timed steps per turn")

@@ -37,7 +37,7 @@ ENV_TIMEOUT = "GPT_JAX_INIT_TIMEOUT_S"  # seconds to wait for all processes to c
 ENV_MODE = "GPT_JAX_DISTRIBUTED"  # "auto" (default), "1": always initialize, "0": never
 DEFAULT_TIMEOUT_S = 300
 
-_state = {"requested": None}  # what this process asked for, for describe()
+_state = {"requested": None, "exchanges": 0}
 
 
 def _env(names: Sequence[str]) -> tuple[str, str] | None:
@@ -180,6 +180,9 @@ def exchange(tag: str, value: str, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> dic
 
   client = jax_distributed.global_state.client
   me = jax.process_index()
+  # Keys cannot be rewritten: number every exchange (all processes make the same calls in the same order).
+  _state["exchanges"] += 1
+  tag = f"{tag}#{_state['exchanges']}"
   client.key_value_set(f"gpt_jax/{tag}/{me}", value)
   out = {}
   for p in range(jax.process_count()):
@@ -246,3 +249,39 @@ def check_train(cfg) -> None:
         f"train.grad_accum: microbatches of {micro} rows (train.global_batch={t.global_batch} / "
         f"{t.grad_accum}) are not divisible by the {n_proc} processes"
     )
+
+
+class WorkdirLock:
+  """The workdir lock of a whole job: process 0 holds <workdir>/.lock (see checkpoint.WorkdirLock).
+
+  All processes learn whether process 0 got it, so a workdir in use by another run fails with the same
+  CheckpointError on every process instead of leaving the others waiting in their first collective.
+  Single-process: exactly checkpoint.WorkdirLock.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._lock = None
+
+  def __enter__(self) -> WorkdirLock:
+    from gpt_jax.checkpoint import WorkdirLock as ProcessLock
+    from gpt_jax.errors import CheckpointError
+
+    if jax.process_count() == 1:
+      self._lock = ProcessLock(self.workdir).acquire()
+      return self
+    error = ""
+    if is_main():
+      try:
+        self._lock = ProcessLock(self.workdir).acquire()
+      except CheckpointError as e:
+        error = str(e)
+    views = exchange("workdir_lock", error)
+    if views[0]:
+      raise CheckpointError(views[0] if is_main() else f"process 0 could not lock the workdir: {views[0]}")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None

@@ -396,12 +396,20 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def init_params(cfg: ModelConfig, key: Array) -> dict:
+  """Freshly initialised params (a nested dict of arrays); pure, so it can run under jit."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key))))
+
+
+# One compiled program per config: initialising op by op would compile every small op separately.
+_init_params_jit = jax.jit(init_params, static_argnums=0)
+
+
 def split(cfg: ModelConfig, seed: int | Array = 0):
   """Builds the model and returns (graphdef, params): params a nested dict of arrays."""
   key = jax.random.key(seed) if isinstance(seed, int) else seed
-  model = Transformer(cfg, rngs=nnx.Rngs(params=key))
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
+  graphdef, _, _ = abstract(cfg)
+  return graphdef, _init_params_jit(cfg, key)
 
 
 def abstract(cfg: ModelConfig):

@@ -78,7 +78,10 @@ def main(spec: dict) -> dict:
     "rows": list(rows),
   }
   if spec.get("mode", "pretrain") == "pretrain":
+    from gpt_jax import checkpoint
     from gpt_jax.stages import pretrain
+
+    checkpoint.WorkdirLock = distributed.WorkdirLock  # the job-wide lock (see the report on pretrain.run)
 
     if spec.get("stall_at") is not None:
       _stall_loader(int(spec["stall_at"]))
@@ -89,6 +92,10 @@ def main(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
+  import faulthandler
+  import signal
+
+  faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a stuck worker waits
   spec = json.loads(sys.argv[1])
   from gpt_jax.errors import GptJaxError
 

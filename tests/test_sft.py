@@ -49,7 +49,8 @@ def forward(tok):
     cfg = model.preset(
       name, **{**TINY, **extra, "vocab_size": tok.vocab_size, "max_seq_len": 64, "init_std": 0.2}
     )
-    graphdef, params = model.split(cfg, 0)
+    graphdef = model.abstract(cfg)[0]
+    params = jax.jit(lambda cfg=cfg: model.split(cfg, 0)[1])()  # one compile instead of eager init ops
     fns[family] = jax.jit(
       lambda b, g=graphdef, p=params: model.apply(g, p, b["inputs"], b["positions"], b["segment_ids"]).logits
     )

@@ -65,11 +65,15 @@ def check_prompt(prompt, where: str) -> list[dict]:
       raise DataError(f"{where}: 'prompt' is empty")
     return [{"role": "user", "content": prompt}]
   if not isinstance(prompt, list) or not prompt:
-    raise DataError(f"{where}: 'prompt' must be a text or a non-empty list of messages, got {type(prompt).__name__}")
+    raise DataError(
+      f"{where}: 'prompt' must be a text or a non-empty list of messages, got {type(prompt).__name__}"
+    )
   out = []
   for i, m in enumerate(prompt):
     if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-      raise DataError(f"{where}: prompt message {i} must be {{role in {CHAT_ROLES}, content: text}}, got {m!r}")
+      raise DataError(
+        f"{where}: prompt message {i} must be {{role in {CHAT_ROLES}, content: text}}, got {m!r}"
+      )
     out.append({"role": m["role"], "content": m["content"]})
   return out
 
@@ -92,7 +96,9 @@ def check_response(resp, where: str, field: str) -> str:
 def parse_line(row, where: str, group: int) -> list[Comparison]:
   """The pairs of one JSONL record (see the module docstring); DataError naming `where` and the field."""
   if not isinstance(row, dict):
-    raise DataError(f"{where}: expected an object with prompt and chosen/rejected (or ranking), got {type(row).__name__}")
+    raise DataError(
+      f"{where}: expected an object with prompt and chosen/rejected (or ranking), got {type(row).__name__}"
+    )
   if "prompt" not in row:
     raise DataError(f"{where}: missing field 'prompt'")
   prompt = check_prompt(row["prompt"], where)
@@ -105,7 +111,9 @@ def parse_line(row, where: str, group: int) -> list[Comparison]:
     for i in range(len(texts)):
       for j in range(i + 1, len(texts)):
         if texts[i] == texts[j]:
-          raise DataError(f"{where}: ranking[{i}] and ranking[{j}] are identical; a ranking must order distinct responses")
+          raise DataError(
+            f"{where}: ranking[{i}] and ranking[{j}] are identical; a ranking must order distinct responses"
+          )
     # All k(k-1)/2 ordered pairs, better first (InstructGPT's expansion of a k-way ranking).
     return [
       Comparison(prompt, texts[i], texts[j], group, 0.0, kind, where)
@@ -114,7 +122,9 @@ def parse_line(row, where: str, group: int) -> list[Comparison]:
     ]
   for field in ("chosen", "rejected"):
     if field not in row:
-      raise DataError(f"{where}: missing field '{field}' (expected prompt, chosen, rejected; or prompt, ranking)")
+      raise DataError(
+        f"{where}: missing field '{field}' (expected prompt, chosen, rejected; or prompt, ranking)"
+      )
   chosen = check_response(row["chosen"], where, "chosen")
   rejected = check_response(row["rejected"], where, "rejected")
   if chosen == rejected:
@@ -145,11 +155,6 @@ def read_comparisons(path: str) -> list[Comparison]:
   if not out:
     raise DataError(f"comparisons file {path} holds no comparisons")
   return out
-
-
-def task_comparison_rows(tasks: Sequence[tasks_lib.Task], seed: int, rambling_fraction: float) -> list[dict]:
-  """JSONL rows of the embedded preference pairs (tasks.comparisons: correct > wrong, bare > rambling)."""
-  return tasks_lib.comparisons(tasks, seed, rambling_fraction)
 
 
 def hash_split(comps: Sequence[Comparison], eval_fraction: float) -> tuple[list, list]:
@@ -246,13 +251,17 @@ def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name
     "dropped_too_long": dropped,
     "tokens": int(sum(len(x) for x in chosen) + sum(len(x) for x in rejected)),
   }
-  return EncodedPairs(chosen, rejected, np.asarray(margin, np.float32), np.asarray(group, np.int64), where, stats)
+  return EncodedPairs(
+    chosen, rejected, np.asarray(margin, np.float32), np.asarray(group, np.int64), where, stats
+  )
 
 
 # --- batches ------------------------------------------------------------------------------------
 
 
-def pairs_to_batch(enc: EncodedPairs, pairs: Sequence[int], n_pairs: int, seq_len: int) -> dict[str, np.ndarray]:
+def pairs_to_batch(
+  enc: EncodedPairs, pairs: Sequence[int], n_pairs: int, seq_len: int
+) -> dict[str, np.ndarray]:
   """The comparison batch of `pairs` (indices), padded with empty pairs to n_pairs: (2 n_pairs, ...) arrays."""
   B, T = 2 * int(n_pairs), int(seq_len)
   seqs = []
@@ -287,7 +296,9 @@ def interleave_for_accum(batch: dict[str, np.ndarray], grad_accum: int) -> dict[
   n = int(grad_accum)
   if n == 1:
     return batch
-  return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]).swapaxes(0, 1).reshape(v.shape) for k, v in batch.items()}
+  return {
+    k: v.reshape((n, v.shape[0] // n) + v.shape[1:]).swapaxes(0, 1).reshape(v.shape) for k, v in batch.items()
+  }
 
 
 class ComparisonLoader:
@@ -367,7 +378,8 @@ class ComparisonLoader:
       return jax.device_put(host, self.sharding)
     # Every process builds the same global batch and hands over the slices its devices hold.
     return {
-      k: jax.make_array_from_callback(v.shape, self.sharding, lambda idx, v=v: v[idx]) for k, v in host.items()
+      k: jax.make_array_from_callback(v.shape, self.sharding, lambda idx, v=v: v[idx])
+      for k, v in host.items()
     }
 
   def get_state(self) -> dict:

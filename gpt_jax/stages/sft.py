@@ -266,7 +266,9 @@ def make_accuracy_eval(cfg, model: trainer.Model, tokenizer, convs, log_fn):
     return None
   end_of_turn = tokenizer.special_id("end_of_turn")
   prompt_len = min(-(-max(len(i[0]) for i in items) // 16) * 16, room)  # rounded: fewer distinct shapes
-  batch = min(int(s.sample_batch), len(items))
+  # Rows of a sampler call: a multiple of the data-parallel shards, so that every device gets rows.
+  shards = model.mesh.shape["data"] * model.mesh.shape["fsdp"]
+  batch = -(-min(int(s.sample_batch), len(items)) // shards) * shards
   sampler = sampling.make_sampler(
     model.cfg,
     model.graphdef,

@@ -1,0 +1,166 @@
+"""The model-free pieces of PPO: the rollout layout, reward assembly, prompt order and the alarms.
+
+Legend: B rollouts, P padded prompt length, N max new tokens, S = P + N + 1 slots of a whole rollout.
+
+A rollout row is its left-padded prompt (slots [0, P)) followed by the sampled response (slots
+[P, P + N)), exactly as the sampler laid them out in its cache, and one more slot for the eos the
+reward model reads. Response token j sits at slot P + j and is predicted by the hidden state at slot
+P + j - 1, which is also where the critic values the state before token j.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from gpt_jax import losses
+from gpt_jax.errors import DataError
+
+
+def rollout_layout(tokens_BP, lengths_B, response_BN, response_mask_BN, eos_id: int) -> dict[str, np.ndarray]:
+  """The whole rollouts as one forward pass reads them, S = P + N + 1 slots per row.
+
+  Each row is its left-padded prompt, its response (pad after its end), and `eos_id` written right
+  after the response's last token, where the reward model reads its head (the reward model scores
+  "prompt + response + eos", as it was trained). Returns numpy arrays: tokens (B, S) int32;
+  positions (B, S) int32 counted from each row's first real token; segment_ids (B, S) int32, 0 on
+  the left padding (which then attends only to itself) and 1 from the prompt on; end_index (B,) int32,
+  the slot of that eos.
+  """
+  tokens_BP = np.asarray(tokens_BP, np.int32)
+  B, P = tokens_BP.shape
+  N = response_BN.shape[1]
+  pad_B = P - np.asarray(lengths_B, np.int32)
+  n_B = np.asarray(response_mask_BN, np.int32).sum(axis=1)
+  tokens_BS = np.concatenate(
+    [tokens_BP, np.asarray(response_BN, np.int32), np.zeros((B, 1), np.int32)], axis=1
+  )
+  end_B = (P + n_B).astype(np.int32)
+  tokens_BS[np.arange(B), end_B] = eos_id
+  t_S = np.arange(P + N + 1, dtype=np.int32)
+  return {
+    "tokens": tokens_BS,
+    "positions": np.maximum(t_S[None, :] - pad_B[:, None], 0).astype(np.int32),
+    "segment_ids": (t_S[None, :] >= pad_B[:, None]).astype(np.int32),
+    "end_index": end_B,
+  }
+
+
+def assemble_rewards(
+  score_B,
+  logp_BN,
+  ref_logp_BN,
+  mask_BN,
+  ended_B,
+  *,
+  kl_coef,
+  score_mean: float,
+  score_std: float,
+  no_eos_penalty: float,
+):
+  """Per-token rewards of Ziegler et al. (2019): -kl_coef * (log pi - log pi_ref) on every response
+  token, plus the normalized reward-model score on the last one.
+
+  score_B: raw reward-model scores at each row's last token; ended_B: whether the row produced the
+  end token (a row that never ends loses no_eos_penalty). Returns (rewards_BN, kl_BN, normalized_B),
+  float32, zero past each response's end.
+  """
+  mask = mask_BN.astype(jnp.float32)
+  kl_BN = (logp_BN - ref_logp_BN) * mask
+  normalized_B = (score_B.astype(jnp.float32) - score_mean) / score_std
+  normalized_B = normalized_B - no_eos_penalty * (1.0 - ended_B.astype(jnp.float32))
+  last_B = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+  is_last_BN = (jnp.arange(mask.shape[1])[None, :] == last_B[:, None]).astype(jnp.float32) * mask
+  rewards_BN = -kl_coef * kl_BN + is_last_BN * normalized_B[:, None]
+  return rewards_BN, kl_BN, normalized_B
+
+
+def advantages(rewards_BN, values_BN, mask_BN, *, gamma: float, lam: float, whiten: bool = True):
+  """GAE advantages (whitened over the response tokens when `whiten`) and returns, both (B, N)."""
+  adv_BN, returns_BN = losses.gae(rewards_BN, values_BN, mask_BN, gamma, lam)
+  if whiten:
+    adv_BN = losses.whiten(adv_BN, mask_BN) * mask_BN.astype(jnp.float32)
+  return adv_BN, returns_BN
+
+
+def explained_variance(values, returns, mask) -> float:
+  """1 - Var(returns - values) / Var(returns) over the masked entries (1 is a perfect critic)."""
+  m = np.asarray(mask, bool)
+  v, r = np.asarray(values, np.float64)[m], np.asarray(returns, np.float64)[m]
+  var = r.var() if r.size else 0.0
+  return float(1.0 - (r - v).var() / var) if var > 0 else float("nan")
+
+
+class PromptOrder:
+  """Prompt indices in a fresh seeded permutation per epoch; state {"position"} = prompts handed out.
+
+  The sequence is a pure function of (n, seed, position), so a resumed run sees the same prompts.
+  """
+
+  def __init__(self, n: int, seed: int):
+    if n <= 0:
+      raise DataError("ppo prompts: the prompt set is empty")
+    self.n, self.seed, self.position = int(n), int(seed), 0
+    self._perm: tuple[int, np.ndarray] | None = None
+
+  def _epoch(self, e: int) -> np.ndarray:
+    if self._perm is None or self._perm[0] != e:
+      self._perm = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
+    return self._perm[1]
+
+  def take(self, k: int) -> np.ndarray:
+    """The next k prompt indices (an epoch boundary may fall inside them)."""
+    out = []
+    for p in range(self.position, self.position + int(k)):
+      out.append(self._epoch(p // self.n)[p % self.n])
+    self.position += int(k)
+    return np.asarray(out, np.int64)
+
+  def get_state(self) -> dict:
+    return {"position": int(self.position)}
+
+  def set_state(self, state: dict) -> None:
+    try:
+      position = int(state["position"])
+    except (KeyError, TypeError, ValueError):
+      raise DataError(f"ppo prompt order state {state!r}: expected {{'position': int}}") from None
+    if position < 0:
+      raise DataError(f"ppo prompt order state {state!r}: position must be >= 0")
+    self.position = position
+
+
+class Alarms:
+  """Watches each iteration for trouble and returns one-line warnings.
+
+  kl: the KL to the reference (nats per response) passed `kl_alarm`. reward hacking: over the last
+  `window` iterations against the `window` before them, the normalized reward rose while the gold
+  score fell (the policy is pleasing the reward model, not solving the task).
+  """
+
+  def __init__(self, kl_alarm: float, window: int):
+    self.kl_alarm, self.window = float(kl_alarm), int(window)
+    self.history: list[tuple[float, float]] = []  # (reward, gold) per iteration, the last 2 windows
+
+  def update(self, iteration: int, kl: float, reward: float, gold: float | None) -> list[str]:
+    out = []
+    if kl > self.kl_alarm:
+      out.append(
+        f"ALARM iteration {iteration}: KL to the reference {kl:.3f} nats passed ppo.kl_alarm={self.kl_alarm:g}"
+      )
+    if gold is None or not np.isfinite(gold):
+      return out
+    self.history = (self.history + [(float(reward), float(gold))])[-2 * self.window :]
+    if len(self.history) == 2 * self.window:
+      before, now = np.mean(self.history[: self.window], 0), np.mean(self.history[self.window :], 0)
+      if now[0] > before[0] and now[1] < before[1]:
+        out.append(
+          f"ALARM iteration {iteration}: reward hacking? over the last {self.window} iterations the reward "
+          f"rose {before[0]:.3f} -> {now[0]:.3f} while the gold score fell {before[1]:.3f} -> {now[1]:.3f}"
+        )
+    return out
+
+  def get_state(self) -> dict:
+    return {"history": [list(h) for h in self.history]}
+
+  def set_state(self, state: dict) -> None:
+    self.history = [(float(r), float(g)) for r, g in state.get("history", [])]

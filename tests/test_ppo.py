@@ -1,0 +1,275 @@
+"""PPO: reward assembly, rollout layout, prompt order and alarms; one update on a fixed rollout moves
+log-probs the way the advantages say; bad input fails before anything compiles; a resumed run is
+bitwise the uninterrupted one. The SFT and reward-model runs are tiny stand-ins written here."""
+
+import json
+import os
+import random
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import config as config_lib
+from gpt_jax import heads, losses, metrics, optim, rl, sharding, trainer
+from gpt_jax import model as model_lib
+from gpt_jax import step as step_lib
+from gpt_jax.data import tasks
+from gpt_jax.data.tokenizer import train_tokenizer
+from gpt_jax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = {
+  "model.vocab_size": 512,
+  "model.max_seq_len": 64,
+  "model.num_layers": 2,
+  "model.d_model": 64,
+  "model.num_heads": 4,
+  "model.num_kv_heads": 2,
+  "model.d_ff": 128,
+}
+
+
+# --- pure pieces ---------------------------------------------------------------------------------------
+
+
+def test_rewards_kl_on_every_token_score_on_the_last():
+  mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+  logp = np.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0]], np.float32)
+  ref = np.array([[-1.5, -1.0, -0.5, -9.0], [-2.0, -1.0, -0.5, -3.0]], np.float32)
+  rewards, kl, norm = rl.assemble_rewards(
+    jnp.array([3.0, 1.0]),
+    jnp.array(logp),
+    jnp.array(ref),
+    jnp.array(mask),
+    jnp.array([1.0, 0.0]),
+    kl_coef=0.1,
+    score_mean=1.0,
+    score_std=2.0,
+    no_eos_penalty=0.5,
+  )
+  # Row 0 ended: (3 - 1) / 2 = 1; row 1 never ended: (1 - 1) / 2 - 0.5 = -0.5.
+  np.testing.assert_allclose(norm, [1.0, -0.5])
+  np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, -0.5, 2.0]])
+  want = [[-0.05, 0.1, 0.0 + 1.0, 0.0], [-0.1, 0.0, 0.05, -0.2 - 0.5]]
+  np.testing.assert_allclose(rewards, want, atol=1e-6)
+
+
+def test_rollout_layout_matches_the_sampler_slots():
+  tokens_BP = np.array([[3, 3, 7, 8], [7, 8, 9, 10]], np.int32)  # row 0: 2 pads then a 2-token prompt
+  response = np.array([[20, 21, 3], [22, 23, 24]], np.int32)
+  mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+  rows = rl.rollout_layout(tokens_BP, np.array([2, 4]), response, mask, eos_id=2)
+  assert rows["tokens"].tolist() == [[3, 3, 7, 8, 20, 21, 2, 0], [7, 8, 9, 10, 22, 23, 24, 2]]
+  assert rows["positions"].tolist() == [[0, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7]]
+  assert rows["segment_ids"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]
+  assert rows["end_index"].tolist() == [6, 7]
+
+
+def test_prompt_order_is_resumable_and_covers_every_prompt():
+  a = rl.PromptOrder(5, seed=3)
+  first = a.take(7)
+  assert sorted(first[:5].tolist()) == [0, 1, 2, 3, 4]  # one epoch is a permutation
+  b = rl.PromptOrder(5, seed=3)
+  b.set_state(json.loads(json.dumps(a.get_state())))
+  np.testing.assert_array_equal(a.take(9), b.take(9))
+  with pytest.raises(DataError, match="prompt set is empty"):
+    rl.PromptOrder(0, seed=0)
+
+
+def test_alarms_for_kl_and_reward_hacking():
+  al = rl.Alarms(kl_alarm=1.0, window=2)
+  assert al.update(1, 0.5, 0.0, 0.5) == []
+  assert "KL to the reference 2.000" in al.update(2, 2.0, 0.1, 0.5)[0]
+  assert al.update(3, 0.5, 0.5, 0.2) == []  # reward 0.05 -> 0.5 ... gold 0.5 -> ...
+  out = al.update(4, 0.5, 0.9, 0.1)
+  assert len(out) == 1 and "reward hacking" in out[0] and "0.500 -> 0.150" in out[0]
+  again = rl.Alarms(1.0, 2)
+  again.set_state(al.get_state())
+  assert again.history == al.history
+
+
+# --- one update on a fixed rollout --------------------------------------------------------------------
+
+
+def test_one_update_follows_the_advantages():
+  from gpt_jax.stages import ppo
+
+  cfg = model_lib.preset("tiny", vocab_size=64, max_seq_len=32, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  policy = trainer.Model.build(cfg, mesh, head=True)  # the critic is a head on the policy here
+  params = {"policy": policy.init_params(0)}
+  B, P, N = 8, 4, 5
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(4, 64, (B, P)).astype(np.int32)
+  response = rng.integers(4, 64, (B, N)).astype(np.int32)
+  mask = np.ones((B, N), np.float32)
+  mask[:, -1] = 0.0
+  rows = rl.rollout_layout(prompt, np.full(B, P), response, mask, eos_id=2)
+  p = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).ppo
+  loss_fn = ppo.make_loss_fn(policy, None, P=P, N=N, p=p)
+
+  def logp_of(q):
+    logits, values = ppo.policy_outputs(policy, None, q, rows, P, N, p.temperature)
+    return np.asarray(losses.token_logprobs(logits, jnp.asarray(response))), np.asarray(values)
+
+  old_logp, old_values = logp_of(params)
+  adv = np.where(np.arange(B)[:, None] % 2 == 0, 1.0, -1.0) * mask  # even rows good, odd rows bad
+  batch = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
+  batch.update(response_mask=mask, old_logp=old_logp, old_values=old_values, advantages=adv, returns=old_values + 1.0)
+  ocfg = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).optim
+  with ocfg.unlocked():
+    ocfg.warmup_steps, ocfg.lr_peak = 0, 1e-3
+  optimizer, lr = optim.make(ocfg, 10, {"policy": policy.axes})
+  state = step_lib.init_state(params, optimizer, 0)
+  sh = jax.tree.map(lambda x: x.sharding, state)
+  step = step_lib.make_train_step(
+    loss_fn, optimizer, lr, mesh=mesh, state_sharding=sh, batch_sharding=sharding.batch_sharding(mesh), donate=False
+  )
+  new_state, m = step(state, batch)
+  assert float(m["finite"]) == 1.0 and float(m["policy_clipfrac"]) == 0.0  # first step: ratio 1
+  new_logp, new_values = logp_of(new_state["params"])
+  delta = (new_logp - old_logp) * mask
+  assert (delta[0::2].sum(1) > 0).all(), delta  # positive advantage: more likely
+  assert (delta[1::2].sum(1) < 0).all(), delta  # negative advantage: less likely
+  # The value head moved toward the returns (old values + 1).
+  assert ((new_values - old_values) * mask).sum() > 0
+
+
+# --- stand-in SFT and reward-model runs ---------------------------------------------------------------
+
+
+def corpus_docs(n: int = 300) -> list[str]:
+  rng = random.Random(0)
+  return [
+    f"{t.question} {t.answer}\nThe answer to {t.question.lower()} is {t.answer}. " * rng.randint(1, 3)
+    for t in tasks.make_tasks("train", n, 0)
+  ]
+
+
+def ppo_cfg(sft_dir, rm_dir, **over):
+  overrides = {
+    **MODEL,
+    "ppo.sft_workdir": str(sft_dir),
+    "ppo.rm_workdir": str(rm_dir),
+    "ppo.iterations": 2,
+    "ppo.rollout_batch": 8,
+    "ppo.minibatch": 4,
+    "ppo.epochs": 1,
+    "ppo.max_new_tokens": 6,
+    "ppo.task_train": 32,
+    "ppo.eval_prompts": 8,
+    "ppo.eval_every": 2,
+    "train.checkpoint_every": 1,
+    "train.async_checkpoint": False,
+    "train.progress_bar": False,
+    "metrics.tensorboard": False,
+    "mesh.data": 4,
+    "mesh.fsdp": 2,
+  }
+  overrides.update(over)
+  return config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny"), overrides)
+
+
+def write_run(workdir, tok_dir, stage: str, model_dict: dict, params, extra_cfg=None) -> str:
+  """A finished run's workdir as the SFT / RM stages leave it: config.json, tokenizer/, checkpoints/."""
+  os.makedirs(workdir, exist_ok=True)
+  shutil.copytree(tok_dir, os.path.join(workdir, "tokenizer"))
+  config = {"stage": stage, "model": model_dict, **(extra_cfg or {})}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ck:
+    ck.save(10, {"params": params}, extra={"config": {"model": model_dict}})
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(sft workdir, rm workdir, tokenizer dir): random tiny models, a tokenizer that covers the tasks."""
+  from experiments import sft as sft_exp
+
+  root = tmp_path_factory.mktemp("ppo_src")
+  tok_dir = str(root / "tok")
+  train_tokenizer(corpus_docs(), tok_dir, vocab_size=400)
+  model_dict = config_lib.to_dict(ppo_cfg("", "").model)
+  mcfg = model_lib.ModelConfig.from_config(model_dict)
+  _, sft_params = model_lib.split(mcfg, 0)
+  sft_dir = write_run(root / "sft", tok_dir, "sft", model_dict, sft_params, {"sft": sft_exp.sft_config().to_dict()})
+  _, rm_params = model_lib.split(mcfg, 1)
+  rm_params[heads.HEAD] = {"w": jax.random.normal(jax.random.key(2), (mcfg.d_model,)), "b": jnp.zeros(())}
+  rm_dir = write_run(root / "rm", tok_dir, "rm", model_dict, rm_params)
+  with open(os.path.join(rm_dir, "reward_stats.json"), "w") as f:
+    json.dump({"mean": 0.5, "std": 2.0}, f)
+  return sft_dir, rm_dir, tok_dir
+
+
+def ppo_records(workdir):
+  out = {}
+  for r in metrics.read_metrics(workdir):
+    if any(k.startswith("ppo/") for k in r):
+      out[r["step"]] = {k: v for k, v in r.items() if k.startswith("ppo/") and not k.endswith("_s")}
+  return out
+
+
+def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
+  from gpt_jax.stages import ppo
+
+  sft_dir, rm_dir, _ = runs
+  quiet = lambda *a: None
+  full = ppo.run(ppo_cfg(sft_dir, rm_dir), str(tmp_path / "full"), log_fn=quiet)
+  assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
+  assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
+  half = str(tmp_path / "half")
+  ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.iterations": 1}), half, log_fn=quiet)
+  logs = []
+  resumed = ppo.run(ppo_cfg(sft_dir, rm_dir), half, log_fn=logs.append)
+  assert any("resumed from iteration 1" in line for line in logs)
+  for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  want, got = ppo_records(str(tmp_path / "full")), ppo_records(half)
+  assert want[2] == got[2] and set(want[2]) >= {"ppo/reward", "ppo/kl", "ppo/gold", "ppo/explained_variance"}
+  # Iteration 0 evaluates the SFT model; its answers are kept for the report.
+  samples = [json.loads(x) for x in open(os.path.join(half, "samples", "iter_00000.jsonl"))]
+  assert len(samples) == 8 and {"prompt", "answer", "response", "gold", "reward_raw"} <= set(samples[0])
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
+  from gpt_jax.stages import ppo
+
+  sft_dir, rm_dir, tok_dir = runs
+  work = tmp_path / "w"
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(DataError, match=r"ppo.prompts: .*empty.jsonl holds no prompts"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.prompts": str(empty)}), str(work))
+  long = tmp_path / "long.jsonl"
+  long.write_text(json.dumps({"messages": [{"role": "user", "content": "Sort: " + "3 " * 40}]}) + "\n")
+  with pytest.raises(ConfigError, match=r"ppo.max_new_tokens: ppo train prompt\[0\] has \d+ tokens; with 6 new"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.prompts": str(long)}), str(work))
+  with pytest.raises(ConfigError, match=r"model.d_model: 32 differs from 64 in the SFT checkpoint"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"model.d_model": 32}), str(work))
+  # A reward model with another tokenizer, or another vocabulary size.
+  other_tok = str(tmp_path / "tok2")
+  train_tokenizer(corpus_docs(100)[::-1], other_tok, vocab_size=380)
+  rm2 = str(tmp_path / "rm2")
+  shutil.copytree(rm_dir, rm2)
+  shutil.rmtree(os.path.join(rm2, "tokenizer"))
+  shutil.copytree(other_tok, os.path.join(rm2, "tokenizer"))
+  with pytest.raises(DataError, match=r"tokenizer .*rm2/tokenizer/tokenizer.model of ppo.rm_workdir differs"):
+    ppo.run(ppo_cfg(sft_dir, rm2), str(work))
+  model_dict = dict(config_lib.to_dict(ppo_cfg("", "").model), vocab_size=448)
+  rm_params = model_lib.split(model_lib.ModelConfig.from_config(model_dict), 0)[1]
+  rm_params[heads.HEAD] = heads.init_head(64)
+  rm3 = write_run(tmp_path / "rm3", tok_dir, "rm", model_dict, rm_params)
+  shutil.copy(os.path.join(rm_dir, "reward_stats.json"), rm3)
+  with pytest.raises(ConfigError, match=r"reward model's model.vocab_size=448 differs from the policy's 512"):
+    ppo.run(ppo_cfg(sft_dir, rm3), str(work))
+  with pytest.raises(ConfigError, match=r"ppo.minibatch: 3 must divide ppo.rollout_batch=8"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.minibatch": 3}), str(work))
+  assert not os.path.exists(work)  # refused before the workdir was touched
