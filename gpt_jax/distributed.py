@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import jax
 
-from gpt_jax.errors import ConfigError
+from gpt_jax.checkpoint import WorkdirLock as _ProcessLock
+from gpt_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("gpt_jax")
 
@@ -87,12 +88,12 @@ def is_initialized() -> bool:
 
 
 def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: Sequence[int] | None = None,
-    *,
-    timeout_s: int | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+  *,
+  timeout_s: int | None = None,
 ) -> bool:
   """Joins this process to the job described by the arguments, the environment, or the cluster.
 
@@ -106,6 +107,8 @@ def initialize(
     raise ConfigError(f"{ENV_MODE}: expected 'auto', '0' or '1', got {mode!r}")
   if is_initialized():
     return True
+  if mode == "0":
+    return False
   if coordinator_address is None and (found := _env(ENV_ADDRESS)):
     coordinator_address = found[1]
   num_processes = _int_arg(num_processes, ENV_NUM_PROCESSES, "num_processes")
@@ -113,18 +116,22 @@ def initialize(
   timeout_s = _int_arg(timeout_s, (ENV_TIMEOUT,), "init_timeout_s") or DEFAULT_TIMEOUT_S
   explicit = (coordinator_address, num_processes, process_id)
   cluster = detected_cluster()
-  if mode == "0" or (mode == "auto" and all(v is None for v in explicit) and cluster is None):
+  if mode == "auto" and all(v is None for v in explicit) and cluster is None:
     return False
   if cluster is None and None in explicit:
-    missing = [n for n, v in zip(("coordinator_address", "num_processes", "process_id"), explicit) if v is None]
+    missing = [
+      n for n, v in zip(("coordinator_address", "num_processes", "process_id"), explicit) if v is None
+    ]
     raise ConfigError(
-        f"--{missing[0]}: needed for a multi-process run outside TPU/SLURM/Open MPI (also missing: "
-        f"{', '.join(missing[1:]) or 'nothing'}); set it or GPT_JAX_{missing[0].upper()}"
+      f"--{missing[0]}: needed for a multi-process run outside TPU/SLURM/Open MPI (also missing: "
+      f"{', '.join(missing[1:]) or 'nothing'}); set it or GPT_JAX_{missing[0].upper()}"
     )
   if num_processes is not None and num_processes < 1:
     raise ConfigError(f"--num_processes: must be >= 1, got {num_processes}")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise ConfigError(f"--process_id: {process_id} is out of range for --num_processes={num_processes} (expected 0..{num_processes - 1})")
+    raise ConfigError(
+      f"--process_id: {process_id} is out of range for --num_processes={num_processes} (expected 0..{num_processes - 1})"
+    )
   if coordinator_address is not None and ":" not in coordinator_address:
     raise ConfigError(f"--coordinator_address: expected HOST:PORT, got {coordinator_address!r}")
   # CPU hosts exchange data over gloo; without it cross-process collectives on CPU are unsupported.
@@ -132,35 +139,65 @@ def initialize(
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(
-        coordinator_address,
-        num_processes,
-        process_id,
-        local_device_ids,
-        initialization_timeout=int(timeout_s),
+      coordinator_address,
+      num_processes,
+      process_id,
+      local_device_ids,
+      initialization_timeout=int(timeout_s),
     )
   except RuntimeError as e:
     if "must be called before" in str(e) or "only be called once" in str(e):
       raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
     raise ConfigError(
-        f"process {process_id}: could not join the {num_processes}-process job at {coordinator_address} within "
-        f"{timeout_s}s ({_first_line(e)}); check that every process got the same --num_processes, a distinct "
-        "--process_id and the same --coordinator_address"
+      f"process {process_id}: could not join the {num_processes}-process job at {coordinator_address} within "
+      f"{timeout_s}s ({_first_line(e)}); check that every process got the same --num_processes, a distinct "
+      "--process_id and the same --coordinator_address"
     ) from None
   except (ValueError, TypeError) as e:
     raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
-  _state["requested"] = num_processes
-  # Every process states what it was told; all compare, so a disagreement fails everywhere at once.
-  views = exchange("num_processes", str(num_processes if num_processes is not None else jax.process_count()),
-                   timeout_s=timeout_s)
-  bad = {p: v for p, v in views.items() if v != str(jax.process_count())}
-  if bad:
-    p, v = sorted(bad.items())[0]
-    raise ConfigError(
-        f"--num_processes: process {p} was started with {v} but the coordinator at {coordinator_address} "
-        f"counts {jax.process_count()} processes; give every process the same --num_processes"
-    )
+  _check_same_count(coordinator_address, timeout_s)
+  _warm_up()
   log.info("%s", describe())
   return True
+
+
+def _check_same_count(coordinator_address, timeout_s: int) -> None:
+  """ConfigError on every process unless all were told the same process count.
+
+  Compares through the key-value store only: creating the backend first would make a process that
+  was told a wrong count wait for devices of processes that do not exist.
+  """
+  from jax._src import distributed as jax_distributed
+
+  told = jax_distributed.global_state.num_processes
+  views = exchange("num_processes", str(told), timeout_s=timeout_s)
+  bad = sorted(p for p, v in views.items() if v != views[0])
+  if bad:
+    raise ConfigError(
+      f"--num_processes: process {bad[0]} was started with {views[bad[0]]} but process 0 (the coordinator at "
+      f"{coordinator_address}) with {views[0]}; give every process the same --num_processes"
+    )
+
+
+def _warm_up() -> None:
+  """Runs one collective over all devices while the processes are still in step.
+
+  The CPU (gloo) runtime connects the processes of a device group on the group's first collective and
+  gives up when they arrive more than 30 s apart; later collectives reuse the connection. Connecting
+  here, right after the coordinator's own barrier, keeps uneven compile times of the first train step
+  (one process hitting the compilation cache, another compiling) from failing the run.
+  """
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  mesh = Mesh(np.asarray(jax.devices()), ("all",))
+  ones = np.ones((jax.local_device_count(),), np.int32)
+  x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("all")), ones)
+  total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
+  if int(total) != jax.device_count():
+    raise ConfigError(f"distributed: a sum over all devices gave {int(total)}, expected {jax.device_count()}")
+  multihost_utils.sync_global_devices("gpt_jax_distributed_initialize")  # the one-device-per-process groups
 
 
 def _first_line(e: BaseException) -> str:
@@ -169,28 +206,36 @@ def _first_line(e: BaseException) -> str:
 
 
 def exchange(tag: str, value: str, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> dict[int, str]:
-  """Publishes `value` under `tag` and returns {process index: value} from every process.
+  """Publishes `value` under `tag` and returns {process index: value} from every process of the job.
 
   Uses the coordinator's key-value store (no devices involved), so it works before any mesh exists
   and fails with ConfigError after timeout_s instead of hanging. Single-process: {0: value}.
   """
-  if jax.process_count() == 1 or not is_initialized():
+  if not is_initialized():
     return {0: value}
   from jax._src import distributed as jax_distributed
 
-  client = jax_distributed.global_state.client
-  me = jax.process_index()
+  state = jax_distributed.global_state
+  client, me = state.client, state.process_id
   # Keys cannot be rewritten: number every exchange (all processes make the same calls in the same order).
   _state["exchanges"] += 1
-  tag = f"{tag}#{_state['exchanges']}"
-  client.key_value_set(f"gpt_jax/{tag}/{me}", value)
-  out = {}
-  for p in range(jax.process_count()):
+  key = f"gpt_jax/{tag}#{_state['exchanges']}"
+
+  def get(name: str, who: int) -> str:
     try:
-      out[p] = client.blocking_key_value_get(f"gpt_jax/{tag}/{p}", int(timeout_s) * 1000)
+      return client.blocking_key_value_get(name, int(timeout_s) * 1000)
     except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
-      raise ConfigError(f"process {me}: process {p} did not report {tag!r} within {timeout_s}s ({_first_line(e)})") from None
-  return out
+      raise ConfigError(
+        f"process {me}: process {who} did not report {tag!r} within {timeout_s}s ({_first_line(e)})"
+      ) from None
+
+  if _state.get("job_size") is None:
+    # The job's size is process 0's count (the coordinator was started with it), not this process's.
+    if me == 0:
+      client.key_value_set("gpt_jax/job_size", str(state.num_processes))
+    _state["job_size"] = int(get("gpt_jax/job_size", 0))
+  client.key_value_set(f"{key}/{me}", value)
+  return {p: get(f"{key}/{p}", p) for p in range(_state["job_size"])}
 
 
 def check_same_config(cfg_dict: dict, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
@@ -200,8 +245,8 @@ def check_same_config(cfg_dict: dict, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> 
   differ = sorted(p for p, d in views.items() if d != views[0])
   if differ:
     raise ConfigError(
-        f"--config: process {differ[0]} was given a different config than process 0 "
-        f"(sha256 {views[differ[0]]} vs {views[0]}); every process must get the same flags"
+      f"--config: process {differ[0]} was given a different config than process 0 "
+      f"(sha256 {views[differ[0]]} vs {views[0]}); every process must get the same flags"
     )
 
 
@@ -215,8 +260,8 @@ def describe() -> str:
   import socket
 
   return (
-      f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "
-      f"{jax.local_device_count()} local of {jax.device_count()} global devices ({jax.default_backend()})"
+    f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: "
+    f"{jax.local_device_count()} local of {jax.device_count()} global devices ({jax.default_backend()})"
   )
 
 
@@ -235,19 +280,19 @@ def check_train(cfg) -> None:
     fixed *= s if s != -1 else 1
   if (-1 not in sizes.values() and fixed != n_dev) or (-1 in sizes.values() and n_dev % fixed):
     raise ConfigError(
-        f"mesh: data*fsdp*tensor = {sizes} must cover all {n_dev} global devices "
-        f"({n_proc} processes x {jax.local_device_count()} local); set one axis to -1 or multiply the sizes to {n_dev}"
+      f"mesh: data*fsdp*tensor = {sizes} must cover all {n_dev} global devices "
+      f"({n_proc} processes x {jax.local_device_count()} local); set one axis to -1 or multiply the sizes to {n_dev}"
     )
   if int(t.global_batch) % n_proc:
     raise ConfigError(
-        f"train.global_batch: {t.global_batch} is not divisible by the {n_proc} processes "
-        "(each process loads an equal share of every batch)"
+      f"train.global_batch: {t.global_batch} is not divisible by the {n_proc} processes "
+      "(each process loads an equal share of every batch)"
     )
   micro = int(t.global_batch) // max(int(t.grad_accum), 1)
   if micro % n_proc:
     raise ConfigError(
-        f"train.grad_accum: microbatches of {micro} rows (train.global_batch={t.global_batch} / "
-        f"{t.grad_accum}) are not divisible by the {n_proc} processes"
+      f"train.grad_accum: microbatches of {micro} rows (train.global_batch={t.global_batch} / "
+      f"{t.grad_accum}) are not divisible by the {n_proc} processes"
     )
 
 
@@ -264,16 +309,13 @@ class WorkdirLock:
     self._lock = None
 
   def __enter__(self) -> WorkdirLock:
-    from gpt_jax.checkpoint import WorkdirLock as ProcessLock
-    from gpt_jax.errors import CheckpointError
-
     if jax.process_count() == 1:
-      self._lock = ProcessLock(self.workdir).acquire()
+      self._lock = _ProcessLock(self.workdir).acquire()
       return self
     error = ""
     if is_main():
       try:
-        self._lock = ProcessLock(self.workdir).acquire()
+        self._lock = _ProcessLock(self.workdir).acquire()
       except CheckpointError as e:
         error = str(e)
     views = exchange("workdir_lock", error)
@@ -285,3 +327,69 @@ class WorkdirLock:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
+
+
+def add_flags(parser) -> None:
+  """Adds --coordinator_address, --num_processes, --process_id, --init_timeout_s to an argparse parser."""
+  g = parser.add_argument_group("multi-process (optional; auto-detected on Cloud TPU, SLURM, Open MPI)")
+  g.add_argument(
+    "--coordinator_address", default=None, help="HOST:PORT of process 0 [GPT_JAX_COORDINATOR_ADDRESS]"
+  )
+  g.add_argument(
+    "--num_processes", type=int, default=None, help="processes in the job [GPT_JAX_NUM_PROCESSES]"
+  )
+  g.add_argument("--process_id", type=int, default=None, help="this process, 0..N-1 [GPT_JAX_PROCESS_ID]")
+  g.add_argument(
+    "--init_timeout_s",
+    type=int,
+    default=None,
+    help=f"wait for all processes [{ENV_TIMEOUT}, {DEFAULT_TIMEOUT_S}]",
+  )
+
+
+def initialize_from_args(args) -> bool:
+  """`initialize` with the flags of `add_flags` (missing attributes count as not given); returns its result."""
+  return initialize(
+    getattr(args, "coordinator_address", None),
+    getattr(args, "num_processes", None),
+    getattr(args, "process_id", None),
+    timeout_s=getattr(args, "init_timeout_s", None),
+  )
+
+
+def main_only(fn):
+  """Returns fn on process 0 and a no-op elsewhere: log functions print once per job, not per process."""
+  return fn if jax.process_index() == 0 else (lambda *a, **k: None)
+
+
+def main_first(fn, *, what: str, timeout_s: int = 24 * 3600):
+  """Returns fn(), run by process 0 first and by the other processes only after it succeeded.
+
+  For work that writes shared files once (tokenizer training, tokenizing to shards): process 0 does
+  it, the others then find the files and only verify them. When fn fails on process 0 the others
+  raise GptJaxError with its message instead of waiting; single-process: just fn().
+  """
+  if not is_initialized():
+    return fn()
+  from jax._src import distributed as jax_distributed
+
+  from gpt_jax.errors import GptJaxError
+
+  _state["exchanges"] += 1
+  key = f"gpt_jax/{what}#{_state['exchanges']}/process_0"
+  client = jax_distributed.global_state.client
+  if jax_distributed.global_state.process_id == 0:
+    try:
+      out = fn()
+    except BaseException as e:
+      client.key_value_set(key, f"{type(e).__name__}: {_first_line(e)}")
+      raise
+    client.key_value_set(key, "")
+    return out
+  try:
+    status = client.blocking_key_value_get(key, int(timeout_s) * 1000)
+  except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
+    raise GptJaxError(f"{what}: process 0 did not finish within {timeout_s}s ({_first_line(e)})") from None
+  if status:
+    raise GptJaxError(f"{what} failed on process 0: {status}")
+  return fn()

@@ -20,9 +20,9 @@ import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
+from gpt_jax import heads, optim, sharding
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
-from gpt_jax import heads, optim, sharding
 from gpt_jax import step as step_lib
 from gpt_jax.errors import ConfigError, TrainingError
 
@@ -231,6 +231,7 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
       log_fn(f"[{stage.name}] step {step_now} eval " + " ".join(f"{k}={_fmt(v)}" for k, v in result.items()))
       return result
 
+    skipped = [int(jax.device_get(state["skipped"]))]  # non-finite steps so far (train.nonfinite=skip)
     pending = None  # (step, device metrics) of the previous step, read after the next is dispatched
     window = {"t0": None, "steps": 0}
 
@@ -245,7 +246,10 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
               f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); the update was not applied and no "
               "checkpoint of it was written (set train.nonfinite=skip to skip such steps)"
           )
-        log.warning("step %d: non-finite loss or gradients, update skipped", step_done)
+        skipped[0] += 1
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d so far)", step_done, skipped[0])
+        # The step's values are garbage: no log, average or progress display sees them, only the count.
+        m = {"skipped_steps": float(skipped[0]), "lr": m.get("lr")}
       now = time.perf_counter()
       if window["t0"] is not None and window["steps"]:
         dt = (now - window["t0"]) / window["steps"]
@@ -257,7 +261,7 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
       m = {k: v for k, v in m.items() if v is not None}
       last["train"] = m
       progress.update(step_done, m)
-      if step_done % int(t.log_every) == 0 or step_done == total_steps:
+      if step_done % int(t.log_every) == 0 or step_done == total_steps or "skipped_steps" in m:
         writer.write(step_done, {k: v for k, v in m.items() if k != "finite"}, prefix="train/")
       return now
 

@@ -46,6 +46,7 @@ def _stall_loader(stall_at: int):
 
 
 def main(spec: dict) -> dict:
+  t0 = time.perf_counter()
   from gpt_jax import distributed
 
   joined = distributed.initialize(
@@ -56,6 +57,7 @@ def main(spec: dict) -> dict:
   )
   import jax
 
+  t_init = time.perf_counter() - t0
   from gpt_jax import config as config_lib
   from gpt_jax import sharding
   from gpt_jax.data import loader as loader_lib
@@ -76,16 +78,23 @@ def main(spec: dict) -> dict:
     "is_main": distributed.is_main(),
     "describe": distributed.describe(),
     "rows": list(rows),
+    "init_s": round(t_init, 2),
   }
   if spec.get("mode", "pretrain") == "pretrain":
     from gpt_jax import checkpoint
+    from gpt_jax import data as data_lib
     from gpt_jax.stages import pretrain
 
-    checkpoint.WorkdirLock = distributed.WorkdirLock  # the job-wide lock (see the report on pretrain.run)
+    # The two changes pretrain.run needs for multi-process jobs, applied here until it makes them:
+    # one lock for the whole job, and data preparation by process 0 before the others verify it.
+    checkpoint.WorkdirLock = distributed.WorkdirLock
+    prepare = data_lib.prepare
+    data_lib.prepare = lambda *a, **k: distributed.main_first(lambda: prepare(*a, **k), what="data.prepare")
 
     if spec.get("stall_at") is not None:
       _stall_loader(int(spec["stall_at"]))
     out = pretrain.run(cfg, spec["workdir"], log_fn=lambda *a: print(*a, file=sys.stderr, flush=True))
+    view["run_s"] = round(time.perf_counter() - t0 - t_init, 2)
     view["step"] = out["step"]
     view["eval_loss"] = out["eval"].get("loss")
   return view

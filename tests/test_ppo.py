@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def test_one_update_follows_the_advantages():
   from gpt_jax.stages import ppo
 
   cfg = model_lib.preset("tiny", vocab_size=64, max_seq_len=32, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   policy = trainer.Model.build(cfg, mesh, head=True)  # the critic is a head on the policy here
   params = {"policy": policy.init_params(0)}
   B, P, N = 8, 4, 5
@@ -112,11 +113,12 @@ def test_one_update_follows_the_advantages():
   p = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).ppo
   loss_fn = ppo.make_loss_fn(policy, None, P=P, N=N, p=p)
 
+  @jax.jit
   def logp_of(q):
     logits, values = ppo.policy_outputs(policy, None, q, rows, P, N, p.temperature)
-    return np.asarray(losses.token_logprobs(logits, jnp.asarray(response))), np.asarray(values)
+    return losses.token_logprobs(logits, jnp.asarray(response)), values
 
-  old_logp, old_values = logp_of(params)
+  old_logp, old_values = map(np.asarray, logp_of(params))
   adv = np.where(np.arange(B)[:, None] % 2 == 0, 1.0, -1.0) * mask  # even rows good, odd rows bad
   batch = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
   batch.update(response_mask=mask, old_logp=old_logp, old_values=old_values, advantages=adv, returns=old_values + 1.0)
@@ -125,13 +127,13 @@ def test_one_update_follows_the_advantages():
     ocfg.warmup_steps, ocfg.lr_peak = 0, 1e-3
   optimizer, lr = optim.make(ocfg, 10, {"policy": policy.axes})
   state = step_lib.init_state(params, optimizer, 0)
-  sh = jax.tree.map(lambda x: x.sharding, state)
+  sh = step_lib.state_shardings(mesh, optimizer, {"policy": policy.shardings}, state)
   step = step_lib.make_train_step(
     loss_fn, optimizer, lr, mesh=mesh, state_sharding=sh, batch_sharding=sharding.batch_sharding(mesh), donate=False
   )
   new_state, m = step(state, batch)
   assert float(m["finite"]) == 1.0 and float(m["policy_clipfrac"]) == 0.0  # first step: ratio 1
-  new_logp, new_values = logp_of(new_state["params"])
+  new_logp, new_values = map(np.asarray, logp_of(new_state["params"]))
   delta = (new_logp - old_logp) * mask
   assert (delta[0::2].sum(1) > 0).all(), delta  # positive advantage: more likely
   assert (delta[1::2].sum(1) < 0).all(), delta  # negative advantage: less likely
@@ -163,12 +165,13 @@ def ppo_cfg(sft_dir, rm_dir, **over):
     "ppo.task_train": 32,
     "ppo.eval_prompts": 8,
     "ppo.eval_every": 2,
+    "optim.warmup_steps": 1,
     "train.checkpoint_every": 1,
     "train.async_checkpoint": False,
     "train.progress_bar": False,
     "metrics.tensorboard": False,
     "mesh.data": 4,
-    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
   }
   overrides.update(over)
   return config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny"), overrides)
@@ -222,8 +225,15 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
   full = ppo.run(ppo_cfg(sft_dir, rm_dir), str(tmp_path / "full"), log_fn=quiet)
   assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
   assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
+  # The same command, stopped by SIGTERM after iteration 1 (checkpoint written), then run again.
   half = str(tmp_path / "half")
-  ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.iterations": 1}), half, log_fn=quiet)
+
+  def preempt_after_first(line):
+    if line.startswith("[ppo] iteration 1/2"):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(trainer.Preempted):
+    ppo.run(ppo_cfg(sft_dir, rm_dir), half, log_fn=preempt_after_first)
   logs = []
   resumed = ppo.run(ppo_cfg(sft_dir, rm_dir), half, log_fn=logs.append)
   assert any("resumed from iteration 1" in line for line in logs)

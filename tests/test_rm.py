@@ -49,6 +49,7 @@ def rm_cfg(init_from, **over):
     "train.async_checkpoint": False,
     "train.init_from": str(init_from),
     "optim.warmup_steps": 1,
+    "optim.decay_steps": 6,
     "optim.lr_peak": 3e-3,
     "metrics.tensorboard": False,
     "rm.task_train": 64,
@@ -270,10 +271,10 @@ def test_reward_is_read_at_the_final_eos(tok, rm_model):
   b = comp_data.pairs_to_batch(enc, [0, 1, 2, 3], 4, 48)
   score = jax.jit(lambda p, b: rm.rewards_from_batch(m, p, b))
   base = np.asarray(score(params, b))
-  # One forward pass over chosen and rejected rows equals scoring each row alone.
-  for r in (0, 1, 6):
-    alone = {k: v[r : r + 1] for k, v in b.items()}
-    np.testing.assert_allclose(np.asarray(score(params, alone))[0], base[r], rtol=1e-5, atol=1e-5)
+  # Rows are scored independently: chosen and rejected of pair 0 alone (end_index (B,), as PPO passes it)
+  # get the rewards they get inside the whole comparison batch.
+  alone = comp_data.reward_batch([enc.chosen[0], enc.rejected[0]], 48, tok.pad_id)
+  np.testing.assert_allclose(np.asarray(score(params, alone)), base[:2], rtol=1e-5, atol=1e-5)
   # Padding after the eos changes nothing ...
   padded = dict(b, inputs=b["inputs"].copy())
   for r in range(8):
@@ -286,13 +287,10 @@ def test_reward_is_read_at_the_final_eos(tok, rm_model):
     out = np.asarray(score(params, moved))
     assert out[0] != base[0] and np.array_equal(out[1:], base[1:])
   # The loss pairs row 2i with row 2i+1.
-  loss_sum, pairs, aux = rm.rm_loss(m)(params, b, None)
+  loss_sum, pairs, aux = jax.jit(rm.rm_loss(m))(params, b, None)
   want = -np.log(1 / (1 + np.exp(-(base[0::2] - base[1::2]))))
   np.testing.assert_allclose(float(loss_sum), want.sum(), rtol=1e-5)
   assert float(pairs) == 4 and float(aux["accuracy_sum"]) == (base[0::2] > base[1::2]).sum()
-  # A shorter padded batch row (end_index (B,) as PPO passes it) gives the same rewards.
-  flat = comp_data.reward_batch([enc.chosen[0], enc.rejected[0]], 48, tok.pad_id)
-  np.testing.assert_allclose(np.asarray(score(params, flat)), base[:2], rtol=1e-5, atol=1e-5)
 
 
 def test_bradley_terry_loss_falls_on_one_batch(tok, rm_model):
@@ -367,16 +365,13 @@ def test_resume_gives_the_uninterrupted_losses(sft_dir, trained, tmp_path):
 
 def test_score_returns_the_trained_rewards(trained, capsys, tmp_path):
   workdir, result, _ = trained
-  pairs = [("Add 2 and 3.", "5"), ([{"role": "user", "content": "Add 2 and 3."}], "6"), ("Sort: 2 1", "1 2")]
+  pairs = [("Add 2 and 3.", "5"), ([{"role": "user", "content": "Add 2 and 3."}], "5"), ("Sort: 2 1", "1 2")]
   got = rm.score(workdir, pairs)
   m, params, tokenizer, stats = rm.load_reward_model(workdir)
   assert stats["n"] == 8
   seqs = [comp_data.response_tokens(tokenizer, p, r) for p, r in pairs]
-  want = jax.device_get(
-    rm.rewards_from_batch(
-      m, jax.device_get(result["params"]), comp_data.reward_batch(seqs, 32, tokenizer.pad_id)
-    )
-  )
+  batch = comp_data.reward_batch(seqs, 32, tokenizer.pad_id)
+  want = jax.device_get(rm.make_scorer(m)(jax.device_get(result["params"]), batch))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert got[0] == got[1] != got[2]  # a text prompt is one user turn
   path = write_lines(tmp_path / "p.jsonl", [{"prompt": p, "response": r} for p, r in pairs])

@@ -165,7 +165,7 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
   """Greedy first fit: item i goes to the first row with room (rows in opening order).
 
   Returns rows as lists of item indices. A max segment tree over the rows' free space finds that
-  row in O(log N), so packing a million conversations stays a matter of seconds.
+  row in O(log N) (200k conversations into 2049-token rows: about 14 s on the loaded 2-core CPU dev box).
   """
   n = len(lengths)
   size = 1 << max(n - 1, 0).bit_length()

@@ -207,7 +207,8 @@ def _to_device(host: dict, shard) -> dict:
 
 
 def _response_text(tok, row, n: int, eot: int) -> str:
-  return tok.decode([int(t) for t in row[:n] if int(t) != eot])
+  """The reply's text; ids past the tokenizer (a model vocabulary padded beyond it) decode to nothing."""
+  return tok.decode([int(t) for t in row[:n] if int(t) != eot and int(t) < tok.vocab_size])
 
 
 def save_config(workdir: str, cfg) -> None:

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from gpt_jax import config as config_lib
+from gpt_jax import optim
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
@@ -99,6 +100,7 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(
       f"ppo.max_new_tokens: {p.max_new_tokens} leaves no room for a prompt in model.max_seq_len={model_cfg.max_seq_len}"
     )
+  optim.schedule(cfg.optim, int(p.iterations) * int(p.epochs) * (int(p.rollout_batch) // int(p.minibatch)))
   for key in ("prompts", "eval_path", "ptx_path"):
     if p[key] and not os.path.isfile(p[key]):
       raise DataError(f"ppo.{key}: file {p[key]} does not exist")

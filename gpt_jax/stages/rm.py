@@ -32,6 +32,9 @@ from gpt_jax.model import ModelConfig
 from gpt_jax.stages import sft
 
 STATS_FILE = "reward_stats.json"
+# For PPO: a rollout's reward sequence (prompt ids + response ids + eos) and a right-padded batch of them.
+reward_inputs = comp_data.reward_inputs
+reward_batch = comp_data.reward_batch
 
 
 # --- config ---------------------------------------------------------------------------------------

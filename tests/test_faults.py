@@ -1,0 +1,538 @@
+"""The fault suite: kill -9 (also inside saves), corrupted checkpoints, SIGTERM, non-finite steps, disk
+full, restore onto other meshes, changed configs on resume, and two runs on one workdir.
+
+Each case asserts the outcome: the resumed run equals an uninterrupted one bit for bit, the bad checkpoint
+is skipped with a warning, the error names the step, the previous checkpoint is intact, ...
+
+Runs that must die (kill -9, SIGTERM, the lock holder) are subprocesses of tests/fault_worker.py (the CLI
+with progress markers on stdout); everything else runs in-process. `pytest --runslow` runs the long kill
+loop (60 kills on 8 devices) instead of the CI one (20 kills on 2 devices).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import data as data_lib
+from gpt_jax import metrics, optim, sharding, trainer
+from gpt_jax import model as model_lib
+from gpt_jax import step as step_lib
+from gpt_jax.errors import CheckpointError, ConfigError, TrainingError
+from gpt_jax.stages import pretrain
+from tests.helpers import REPO, TINY, seed_workdir, tiny_config
+
+WORKER = os.path.join(REPO, "tests", "fault_worker.py")
+QUIET = lambda *a: None
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+# The subprocess runs: checkpoint every step, no eval (eval adds nothing to what is saved), no TensorBoard.
+RUN = {
+  **TINY,
+  "train.checkpoint_every": 1,
+  "train.keep_checkpoints": 2,
+  "train.eval_batches": 0,
+  "metrics.tensorboard": False,
+  "data.verify_hash": False,
+}
+CI = dict(devices=2, steps=10, kills=20, seed=0)  # 2 fake devices, fsdp=2: sharded saves, cheap restarts
+FULL = dict(devices=8, steps=30, kills=60, seed=1)
+
+
+def _run_overrides(spec: dict, **extra) -> dict:
+  return {**RUN, "train.steps": spec["steps"], "mesh.fsdp": 2, **extra}
+
+
+class Worker:
+  """One `fault_worker.py pretrain` process; its stdout markers are collected by a reader thread."""
+
+  def __init__(self, workdir: str, overrides: dict, *, devices: int, log: str, env: dict | None = None):
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    full_env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **(env or {}))
+    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    self.log = log
+    with open(log, "w") as err:
+      self.proc = subprocess.Popen(
+        [
+          sys.executable,
+          "-u",
+          WORKER,
+          "pretrain",
+          "--config=experiments/pretrain.py:tiny",
+          f"--workdir={workdir}",
+          *args,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env=full_env,
+      )
+    self.lines: list[str] = []
+    self._queue: queue.Queue = queue.Queue()
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self._queue.put(line.rstrip("\n"))
+    self._queue.put(None)
+
+  def wait_for(self, accept, timeout: float = 300.0) -> str | None:
+    """Returns the first new line for which accept(line) holds; None when the process ended first."""
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        self.proc.kill()
+        raise AssertionError(f"no expected marker within {timeout}s; last lines: {self.lines[-5:]}") from None
+      if line is None:
+        self._queue.put(None)
+        return None
+      self.lines.append(line)
+      if accept(line):
+        return line
+
+  def finish(self, timeout: float = 300.0) -> int:
+    """Waits for the process to end, collects the rest of its output, returns its exit status."""
+    rc = self.proc.wait(timeout=timeout)
+    self._reader.join(timeout=30)
+    while (line := self._queue.get()) is not None:
+      self.lines.append(line)
+    return rc
+
+  def stderr(self) -> str:
+    with open(self.log) as f:
+      return f.read()
+
+  def markers(self, kind: str) -> list[int]:
+    return [int(line.split()[1]) for line in self.lines if line.startswith(kind + " ")]
+
+
+def _final_state(workdir: str, step: int) -> dict:
+  """The whole train state of checkpoint `step` as numpy arrays (params, opt_state, step, rng, skipped)."""
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _history(workdir: str) -> dict[int, tuple]:
+  """step -> (loss, grad_norm) of metrics.jsonl; a step logged twice keeps the later (resumed) record."""
+  return {
+    r["step"]: (r["train/loss"], r["train/grad_norm"])
+    for r in metrics.read_metrics(workdir)
+    if "train/loss" in r
+  }
+
+
+def _assert_trees_bitwise(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def _reference(prepared_dir: str, root, spec: dict) -> str:
+  """An uninterrupted subprocess run of `spec`: the workdir to compare with."""
+  wd = seed_workdir(prepared_dir, str(root / "reference"))
+  w = Worker(wd, _run_overrides(spec), devices=spec["devices"], log=str(root / "reference.log"))
+  assert w.finish() == 0, w.stderr()
+  assert w.markers("step") == list(range(1, spec["steps"] + 1))
+  return wd
+
+
+@pytest.fixture(scope="module")
+def ci_reference(prepared_dir, tmp_path_factory):
+  return _reference(prepared_dir, tmp_path_factory.mktemp("ci_reference"), CI)
+
+
+# A kill happens at the first marker of `phase` for a step >= the planned step, after `delay` seconds.
+PHASES = ("step", "save-start", "save-queued", "record-start")
+RECORD_PAUSE = 0.5  # for record-start kills: the process sleeps this long before writing the record
+
+
+def _kill_plan(spec: dict) -> list[tuple[int, str, float]]:
+  """(step, phase, delay) per kill, seeded; every phase equally often, record-start kills inside the pause."""
+  rng = random.Random(spec["seed"])
+  points = sorted(rng.randint(1, spec["steps"] - 3) for _ in range(spec["kills"]))
+  phases = [PHASES[i % len(PHASES)] for i in range(spec["kills"])]
+  rng.shuffle(phases)
+  plan = []
+  for p, phase in zip(points, phases):
+    if phase == "record-start":
+      delay = rng.uniform(0.0, RECORD_PAUSE * 0.6)
+    else:
+      delay = 0.0 if rng.random() < 0.3 else rng.uniform(0.0, 0.4)
+    plan.append((p, phase, delay))
+  return plan
+
+
+def _kill_loop(prepared_dir, root, spec, reference):
+  wd = seed_workdir(prepared_dir, str(root / "killed"))
+  ckpt_dir = os.path.join(wd, "checkpoints")
+  overrides = _run_overrides(spec)
+  newest_done, newest_started, kills_in_save, unrecorded = 0, 0, 0, 0
+  expect_warning = None
+  for i, (point, phase, delay) in enumerate(_kill_plan(spec)):
+    latest = ckpt_lib.Checkpointer(ckpt_dir, create=False).latest_step() or 0
+    env = {"FAULT_RECORD_PAUSE": str(RECORD_PAUSE)} if phase == "record-start" else {}
+    w = Worker(wd, overrides, devices=spec["devices"], log=str(root / f"run{i}.log"), env=env)
+    first = w.wait_for(lambda line: line.startswith("step ") or line.startswith("[pretrain] resumed"))
+    # Each restart resumes from the newest complete checkpoint.
+    if latest:
+      assert first.startswith(f"[pretrain] resumed from step {latest} "), (i, first)
+    else:
+      assert first == "step 1", (i, first)
+    hit = w.wait_for(lambda line, p=point, ph=phase: line.split()[0] == ph and int(line.split()[1]) >= p)
+    assert hit is not None, f"run {i} ended before its kill point {phase} {point}: {w.stderr()[-2000:]}"
+    time.sleep(delay)
+    w.proc.send_signal(signal.SIGKILL)
+    assert w.finish() == -signal.SIGKILL
+    if expect_warning is not None:
+      assert f"checkpoint step {expect_warning} in {ckpt_dir} is invalid and skipped" in w.stderr(), i
+      expect_warning = None
+    started, saved, done = w.markers("record-start"), w.markers("save-start"), w.markers("record-done")
+    kills_in_save += bool(saved) and (not done or done[-1] < saved[-1])
+    newest_done, newest_started = max([newest_done, *done]), max([newest_started, *started])
+    latest = ckpt_lib.Checkpointer(ckpt_dir, create=False).latest_step() or 0
+    # Never older than what was reported complete, never newer than what reached the record.
+    assert newest_done <= latest <= newest_started, (i, newest_done, latest, newest_started)
+    unfinished = started and started[-1] not in done
+    if unfinished and not os.path.exists(os.path.join(ckpt_dir, str(started[-1]), ckpt_lib.INTEGRITY_FILE)):
+      unrecorded += 1  # orbax finished this step but the record did not: the restart must skip it
+      expect_warning = started[-1]
+  w = Worker(wd, overrides, devices=spec["devices"], log=str(root / "last.log"))
+  assert w.finish() == 0, w.stderr()
+  if expect_warning is not None:
+    assert f"checkpoint step {expect_warning} in {ckpt_dir} is invalid and skipped" in w.stderr()
+  assert kills_in_save >= spec["kills"] // 4, kills_in_save
+  assert unrecorded >= spec["kills"] // len(PHASES) // 2, unrecorded
+  _assert_trees_bitwise(_final_state(wd, spec["steps"]), _final_state(reference, spec["steps"]))
+  assert _history(wd) == _history(reference)
+  assert sorted(_history(wd)) == list(range(1, spec["steps"] + 1))
+  extra = ckpt_lib.Checkpointer(ckpt_dir, create=False).read_extra(spec["steps"])
+  assert extra["loader"] == {"index": spec["steps"]}
+
+
+def test_kill9_loop_resumes_bitwise(prepared_dir, tmp_path, ci_reference):
+  """20 seeded kill -9s (about half inside a checkpoint save), then the uninterrupted result exactly."""
+  _kill_loop(prepared_dir, tmp_path, CI, ci_reference)
+
+
+@pytest.mark.slow
+def test_kill9_loop_full(prepared_dir, tmp_path):
+  """The long variant: 60 kills over 30 steps on 8 devices."""
+  reference = _reference(prepared_dir, tmp_path, FULL)
+  _kill_loop(prepared_dir, tmp_path, FULL, reference)
+
+
+def test_sigterm_saves_and_resumes_exactly_and_lock_refuses_a_second_run(
+  prepared_dir, tmp_path, ci_reference
+):
+  """SIGTERM: the step finishes, a checkpoint is written, exit 143 with a clear message, and the restart
+  continues exactly. While that run holds the workdir, a second run on it is refused and writes nothing."""
+  wd = seed_workdir(prepared_dir, str(tmp_path / "preempted"))
+  go = str(tmp_path / "go")
+  overrides = _run_overrides(CI, **{"train.checkpoint_every": 100})  # the SIGTERM save is the only one
+  w = Worker(
+    wd,
+    overrides,
+    devices=CI["devices"],
+    log=str(tmp_path / "first.log"),
+    env={"FAULT_HOLD_AT": "3", "FAULT_HOLD_FILE": go},
+  )
+  assert w.wait_for(lambda line: line == "step 3") == "step 3"  # the worker now waits for `go`
+  before = sorted(os.listdir(wd)), open(os.path.join(wd, "config.json")).read()
+  second = tiny_config(**overrides)
+  with pytest.raises(CheckpointError, match=f"workdir {wd} is in use by process {w.proc.pid}"):
+    pretrain.run(second, wd, log_fn=QUIET)
+  assert (sorted(os.listdir(wd)), open(os.path.join(wd, "config.json")).read()) == before
+  w.proc.send_signal(signal.SIGTERM)
+  open(go, "w").close()
+  assert w.finish() == trainer.PREEMPTED_EXIT_CODE
+  assert (
+    f"gpt_jax: preempted (SIGTERM) at step 3: checkpoint saved in {wd}; rerun the same command" in w.stderr()
+  )
+  assert w.markers("step") == [1, 2, 3] and w.markers("record-done") == [3]
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).all_steps() == [3]
+  w = Worker(wd, overrides, devices=CI["devices"], log=str(tmp_path / "second.log"))
+  assert w.finish() == 0, w.stderr()
+  assert f"[pretrain] resumed from step 3 in {wd}" in w.lines
+  assert w.markers("step") == list(range(4, CI["steps"] + 1))
+  _assert_trees_bitwise(_final_state(wd, CI["steps"]), _final_state(ci_reference, CI["steps"]))
+  assert _history(wd) == _history(ci_reference)
+
+
+# ----------------------------------------------------------------------------- in-process faults
+
+
+def _params_np(params) -> dict:
+  return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_dir, tmp_path_factory):
+  """tiny_config() trained to step 6 without faults: (workdir with checkpoints 3 and 6, final params)."""
+  wd = seed_workdir(prepared_dir, str(tmp_path_factory.mktemp("uninterrupted") / "wd"))
+  out = pretrain.run(tiny_config(), wd, log_fn=QUIET)
+  return wd, _params_np(out["params"])
+
+
+def _copy_run(uninterrupted, dest) -> str:
+  shutil.copytree(uninterrupted[0], dest, ignore=shutil.ignore_patterns(".lock"))
+  return str(dest)
+
+
+def _state_file(step_dir: str) -> str:
+  """The largest array file of a checkpoint step: the one a bad disk or partial copy would hit."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "removed", "garbage", "unfinished"])
+def test_corrupted_checkpoint_is_skipped_and_training_redoes_it(uninterrupted, tmp_path, caplog, kind):
+  wd = _copy_run(uninterrupted, tmp_path / "wd")
+  step_dir = os.path.join(wd, "checkpoints", "6")
+  victim = _state_file(step_dir)
+  rel = os.path.relpath(victim, step_dir)
+  if kind == "truncated":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+    reason = f"file {rel} has"
+  elif kind == "removed":
+    os.remove(victim)
+    reason = f"file {rel} is missing"
+  elif kind == "garbage":  # same size, other bytes: only the checksum tells
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(bytes((b + 1) % 256 for b in data))
+    reason = f"file {rel} has a wrong crc32"
+  else:  # killed after orbax finalized step 6, before its integrity record; and a half-written step 7
+    os.remove(os.path.join(step_dir, ckpt_lib.INTEGRITY_FILE))
+    os.makedirs(os.path.join(wd, "checkpoints", "7.orbax-checkpoint-tmp-99", "state"))
+    reason = "save never finished"
+  logs = []
+  with caplog.at_level(logging.WARNING, logger="gpt_jax.checkpoint"):
+    out = pretrain.run(tiny_config(), wd, log_fn=logs.append)
+  assert any(
+    "checkpoint step 6" in r.message and "invalid and skipped" in r.message and reason in r.message
+    for r in caplog.records
+  ), [r.message for r in caplog.records]
+  assert f"[pretrain] resumed from step 3 in {wd}" in logs  # never loaded step 6: fell back to step 3
+  _assert_trees_bitwise(_params_np(out["params"]), uninterrupted[1])
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).all_steps() == [3, 6]
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+
+
+def _nan_at_step(monkeypatch, bad_step: int, vocab_size: int = 512) -> None:
+  """Makes the loss and every gradient of train step `bad_step` NaN, and no other step's.
+
+  One input token of that step's batch gets the id `vocab_size`, one past the embedding table, whose
+  lookup (jnp.take's default mode) reads NaN. The compiled step is the unpoisoned one: only data differs.
+  """
+  make = data_lib.make_loader
+
+  def make_loader(prepared, split, **kwargs):
+    loader = make(prepared, split, **kwargs)
+    if split == "train":
+      host_batch = loader.host_batch
+
+      def poisoned(k):
+        batch = host_batch(k)
+        if k == bad_step - 1:  # batch k feeds step k + 1
+          batch = {**batch, "inputs": batch["inputs"].copy()}
+          batch["inputs"][0, 0] = vocab_size
+        return batch
+
+      loader.host_batch = poisoned
+    return loader
+
+  monkeypatch.setattr(data_lib, "make_loader", make_loader)
+
+
+NAN_RUN = {"train.checkpoint_every": 1, "train.keep_checkpoints": 10}
+
+
+def test_nonfinite_step_stops_naming_it_and_is_never_saved(prepared_dir, tmp_path, monkeypatch):
+  wd = seed_workdir(prepared_dir, str(tmp_path / "nan"))
+  _nan_at_step(monkeypatch, 3)
+  with pytest.raises(TrainingError, match=r"non-finite loss/grad_norm at step 3 \(loss=nan"):
+    pretrain.run(tiny_config(**NAN_RUN), wd, log_fn=QUIET)
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).all_steps() == [1, 2]
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
+  assert sorted(_history(wd)) == [1, 2]  # nothing of step 3 reached the metrics
+
+
+def test_nonfinite_step_is_skipped_and_counted_with_skip(prepared_dir, tmp_path, monkeypatch, caplog):
+  wd = seed_workdir(prepared_dir, str(tmp_path / "skip"))
+  _nan_at_step(monkeypatch, 3)
+  with caplog.at_level(logging.WARNING, logger="gpt_jax"):
+    out = pretrain.run(tiny_config(**NAN_RUN, **{"train.nonfinite": "skip"}), wd, log_fn=QUIET)
+  assert out["skipped"] == 1 and out["step"] == 6
+  assert any(
+    "step 3: non-finite loss or gradients, update skipped (1 so far)" in r.message for r in caplog.records
+  )
+  # The skipped step changed no parameter and no optimizer moment: state 3 is state 2 plus the counters.
+  s2, s3 = _final_state(wd, 2), _final_state(wd, 3)
+  _assert_trees_bitwise(s3["params"], s2["params"])
+  _assert_trees_bitwise(s3["opt_state"], s2["opt_state"])
+  assert (int(s2["step"]), int(s2["skipped"]), int(s3["step"]), int(s3["skipped"])) == (2, 0, 3, 1)
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).read_extra(3)["loader"] == {
+    "index": 3
+  }
+  records = {r["step"]: r for r in metrics.read_metrics(wd) if any(k.startswith("train/") for k in r)}
+  assert records[3]["train/skipped_steps"] == 1 and "train/loss" not in records[3]  # no NaN in the log
+  assert all(np.isfinite(records[s]["train/loss"]) for s in (1, 2, 4, 5, 6))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["params"]))
+
+
+class _FullDisk:
+  """An orbax commit future whose background write hits a full disk, as tensorstore's would."""
+
+  def result(self, timeout=None):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(
+  uninterrupted, prepared_dir, tmp_path, monkeypatch
+):
+  wd = seed_workdir(prepared_dir, str(tmp_path / "full"))
+  original, calls = ocp.StandardCheckpointHandler.async_save, []
+
+  async def save_until_full(self, *args, **kwargs):
+    futures = list(await original(self, *args, **kwargs) or [])
+    calls.append(1)
+    return futures + [_FullDisk()] if len(calls) == 2 else futures  # the 2nd save (step 6) fails
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save_until_full)
+  with pytest.raises(
+    CheckpointError, match=r"saving checkpoint step 6 to .* failed: disk full .*last valid checkpoint: step 3"
+  ):
+    pretrain.run(tiny_config(), wd, log_fn=QUIET)
+  monkeypatch.undo()
+  ckpt_dir = os.path.join(wd, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["3"]  # the partial step 6 is gone, step 3 untouched
+  assert ckpt_lib.Checkpointer(ckpt_dir, create=False).all_steps() == [3]
+  logs = []
+  out = pretrain.run(tiny_config(), wd, log_fn=logs.append)  # space is back: the same command goes on
+  assert f"[pretrain] resumed from step 3 in {wd}" in logs
+  _assert_trees_bitwise(_params_np(out["params"]), uninterrupted[1])
+
+
+def _placed(model_cfg, optimizer, mesh):
+  """(model, abstract train state, state shardings) of model_cfg on `mesh`, as trainer.fit builds them."""
+  m = trainer.Model.build(model_cfg, mesh)
+  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, 0), m.shapes)
+  return m, abstract, step_lib.state_shardings(mesh, optimizer, m.shardings, abstract)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_checkpoint(tmp_path_factory):
+  """A train state of the tiny model saved from 8 devices as fsdp=8: (checkpoint dir, state as numpy)."""
+  cfg = tiny_config()
+  model_cfg = model_lib.ModelConfig.from_config(cfg.model)
+  optimizer, _ = optim.make(cfg.optim, int(cfg.train.steps), model_lib.abstract(model_cfg)[2])
+  mesh8 = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  m8, _, sh8 = _placed(model_cfg, optimizer, mesh8)
+  init = jax.jit(lambda p: step_lib.init_state(p, optimizer, 0), out_shardings=sh8)
+  state = init(m8.init_params(0))
+  # Non-zero optimizer moments, so that they are checked too.
+  state["opt_state"] = jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x, state["opt_state"])
+  assert len(state["params"]["embed"].sharding.device_set) == 8
+  assert any(x.addressable_shards[0].data.shape != x.shape for x in jax.tree.leaves(state["params"]))
+  path = str(tmp_path_factory.mktemp("fsdp8"))
+  with ckpt_lib.Checkpointer(path) as ck:
+    ck.save(1, state, extra={})
+  return path, jax.tree.map(np.asarray, state), model_cfg, optimizer
+
+
+@pytest.mark.parametrize(
+  "mesh_cfg, n",
+  [
+    ({"data": 2, "fsdp": 1, "tensor": 2}, 4),
+    ({"data": 1, "fsdp": 4, "tensor": 1}, 4),
+    ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
+  ],
+  ids=["data2xtensor2", "fsdp4", "one_device"],
+)
+def test_state_saved_on_fsdp8_restores_on_another_mesh(fsdp8_checkpoint, mesh_cfg, n):
+  path, saved, model_cfg, optimizer = fsdp8_checkpoint
+  mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:n])
+  m, abstract, shardings = _placed(model_cfg, optimizer, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  restored, _ = ckpt_lib.Checkpointer(path, create=False).restore(None, target)
+  _assert_trees_bitwise(jax.tree.map(np.asarray, restored), saved)
+  for leaf in jax.tree.leaves(restored["params"]):
+    assert leaf.sharding.mesh.devices.shape == mesh.devices.shape and len(leaf.sharding.device_set) == n
+  # The params alone, as a later stage (SFT, export) reads them.
+  params = ckpt_lib.restore_params(
+    path, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), m.shapes, m.shardings)
+  )
+  _assert_trees_bitwise(jax.tree.map(np.asarray, params), saved["params"])
+
+
+def test_changed_config_on_resume_accepts_schedule_and_logging_refuses_model_and_data(tmp_path, caplog):
+  wd = str(tmp_path)
+  trainer.save_config(wd, tiny_config())
+  mutable = {
+    "train.steps": 12,
+    "optim.decay_steps": 12,
+    "optim.lr_end_ratio": 0.0,
+    "train.log_every": 5,
+    "train.checkpoint_every": 6,
+    "metrics.tensorboard": False,
+    "train.progress_bar": True,
+  }
+  with caplog.at_level(logging.WARNING, logger="gpt_jax"):
+    trainer.save_config(wd, tiny_config(**mutable))
+  warned = " ".join(r.message for r in caplog.records)
+  assert all(k in warned for k in mutable), warned
+  with open(os.path.join(wd, "config.json")) as f:
+    assert json.load(f)["train"]["steps"] == 12
+  refused = {"model.d_model": 96, "model.vocab_size": 1024, "data.sources.code.weight": 0.5}
+  with pytest.raises(ConfigError) as e:
+    trainer.save_config(wd, tiny_config(**mutable, **refused))
+  msg = str(e.value)
+  assert "\n" not in msg and "may not change on resume" in msg
+  for k, old, new in (
+    ("model.d_model", 64, 96),
+    ("model.vocab_size", 512, 1024),
+    ("data.sources.code.weight", 0.7, 0.5),
+  ):
+    assert f"{k} ({old!r} -> {new!r})" in msg
+  assert "train.steps" not in msg
+  with open(os.path.join(wd, "config.json")) as f:
+    assert json.load(f)["model"]["d_model"] == 64  # the workdir's config is unchanged
+
+
+def test_changed_model_on_resume_is_refused_before_building(uninterrupted, tmp_path, monkeypatch):
+  wd = _copy_run(uninterrupted, tmp_path / "wd")
+  before = {p: open(os.path.join(wd, p), "rb").read() for p in ("config.json", "metrics.jsonl")}
+  monkeypatch.setattr(trainer.Model, "build", lambda *a: pytest.fail("built a model for a refused config"))
+  with pytest.raises(ConfigError, match=r"model\.num_layers \(2 -> 3\); optim\.lr_peak"):
+    pretrain.run(tiny_config(**{"model.num_layers": 3, "optim.lr_peak": 0.5}), wd, log_fn=QUIET)
+  assert {p: open(os.path.join(wd, p), "rb").read() for p in before} == before
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).all_steps() == [3, 6]
