@@ -34,6 +34,9 @@ MUTABLE_KEYS = (
     "data.num_workers",
     "data.progress",
     "data.verify_hash",
+    "sft.eval_samples",
+    "sft.max_new_tokens",
+    "sft.sample_batch",
 )
 
 

@@ -84,13 +84,13 @@ class ModelConfig:
     if self.num_heads % self.kv_heads:
       bad("num_kv_heads", f"{self.kv_heads} does not divide num_heads={self.num_heads}")
     choices = {
-        "norm": ("layernorm", "rmsnorm"),
-        "pos_emb": ("learned", "rope"),
-        "mlp": ("gelu", "swiglu"),
-        "dtype": ("float32", "bfloat16", "float16"),
-        "param_dtype": ("float32", "bfloat16"),
-        "remat_policy": tuple(REMAT_POLICIES),
-        "attention_impl": ("auto", "xla", "cudnn"),
+      "norm": ("layernorm", "rmsnorm"),
+      "pos_emb": ("learned", "rope"),
+      "mlp": ("gelu", "swiglu"),
+      "dtype": ("float32", "bfloat16", "float16"),
+      "param_dtype": ("float32", "bfloat16"),
+      "remat_policy": tuple(REMAT_POLICIES),
+      "attention_impl": ("auto", "xla", "cudnn"),
     }
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
@@ -112,29 +112,47 @@ class ModelConfig:
     return cls(**d).validate()
 
 
-_GPT2 = dict(family="gpt2", vocab_size=50257, max_seq_len=1024, norm="layernorm", pos_emb="learned",
-             mlp="gelu", use_bias=True, tie_embeddings=True)
-_LLAMA = dict(family="llama", vocab_size=32000, max_seq_len=2048, norm="rmsnorm", norm_eps=1e-6,
-              pos_emb="rope", mlp="swiglu", use_bias=False, tie_embeddings=False)
+_GPT2 = dict(
+  family="gpt2",
+  vocab_size=50257,
+  max_seq_len=1024,
+  norm="layernorm",
+  pos_emb="learned",
+  mlp="gelu",
+  use_bias=True,
+  tie_embeddings=True,
+)
+_LLAMA = dict(
+  family="llama",
+  vocab_size=32000,
+  max_seq_len=2048,
+  norm="rmsnorm",
+  norm_eps=1e-6,
+  pos_emb="rope",
+  mlp="swiglu",
+  use_bias=False,
+  tie_embeddings=False,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # GPT-2 (Radford et al. 2019) and GPT-3 (Brown et al. 2020, table 2.1).
-    "gpt2_124m": dict(_GPT2, num_layers=12, num_heads=12, d_model=768),
-    "gpt2_350m": dict(_GPT2, num_layers=24, num_heads=16, d_model=1024),
-    "gpt2_774m": dict(_GPT2, num_layers=36, num_heads=20, d_model=1280),
-    "gpt2_1558m": dict(_GPT2, num_layers=48, num_heads=25, d_model=1600),
-    "gpt3_175b": dict(_GPT2, max_seq_len=2048, num_layers=96, num_heads=96, d_model=12288),
-    # LLaMA (Touvron et al. 2023, table 2) and a 1.1B LLaMA-shaped model with grouped-query attention.
-    "llama_1b": dict(_LLAMA, num_layers=22, num_heads=32, num_kv_heads=4, d_model=2048, d_ff=5632),
-    "llama_7b": dict(_LLAMA, num_layers=32, num_heads=32, d_model=4096, d_ff=11008),
-    "llama_13b": dict(_LLAMA, num_layers=40, num_heads=40, d_model=5120, d_ff=13824),
-    "llama_33b": dict(_LLAMA, num_layers=60, num_heads=52, d_model=6656, d_ff=17920),
-    "llama_65b": dict(_LLAMA, num_layers=80, num_heads=64, d_model=8192, d_ff=22016),
-    # Small models for CPU runs and tests.
-    "cpu_bench": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=6, num_heads=6, d_model=384),
-    "tiny": dict(_LLAMA, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                 d_model=128, d_ff=384),
-    "tiny_gpt2": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, d_model=128),
+  # GPT-2 (Radford et al. 2019) and GPT-3 (Brown et al. 2020, table 2.1).
+  "gpt2_124m": dict(_GPT2, num_layers=12, num_heads=12, d_model=768),
+  "gpt2_350m": dict(_GPT2, num_layers=24, num_heads=16, d_model=1024),
+  "gpt2_774m": dict(_GPT2, num_layers=36, num_heads=20, d_model=1280),
+  "gpt2_1558m": dict(_GPT2, num_layers=48, num_heads=25, d_model=1600),
+  "gpt3_175b": dict(_GPT2, max_seq_len=2048, num_layers=96, num_heads=96, d_model=12288),
+  # LLaMA (Touvron et al. 2023, table 2) and a 1.1B LLaMA-shaped model with grouped-query attention.
+  "llama_1b": dict(_LLAMA, num_layers=22, num_heads=32, num_kv_heads=4, d_model=2048, d_ff=5632),
+  "llama_7b": dict(_LLAMA, num_layers=32, num_heads=32, d_model=4096, d_ff=11008),
+  "llama_13b": dict(_LLAMA, num_layers=40, num_heads=40, d_model=5120, d_ff=13824),
+  "llama_33b": dict(_LLAMA, num_layers=60, num_heads=52, d_model=6656, d_ff=17920),
+  "llama_65b": dict(_LLAMA, num_layers=80, num_heads=64, d_model=8192, d_ff=22016),
+  # Small models for CPU runs and tests.
+  "cpu_bench": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=6, num_heads=6, d_model=384),
+  "tiny": dict(
+    _LLAMA, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, num_kv_heads=2, d_model=128, d_ff=384
+  ),
+  "tiny_gpt2": dict(_GPT2, vocab_size=4096, max_seq_len=256, num_layers=4, num_heads=4, d_model=128),
 }
 
 
@@ -227,17 +245,24 @@ class Attention(nnx.Module):
     q_BTHQ = sharding.constrain(q_BTHQ, ("batch", "act_seq", "act_heads", None))
     new_cache = None
     if cache_kv is not None:
-      k_cache, v_cache = cache_kv
-      k_BTKQ = jax.lax.dynamic_update_slice(k_cache, k_BTKQ.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      v_BTKQ = jax.lax.dynamic_update_slice(v_cache, v_BTKQ.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      new_cache = (k_BTKQ, v_BTKQ)
-      k_BTKQ, v_BTKQ = k_BTKQ.astype(dt), v_BTKQ.astype(dt)
+      # The stacked (L, B, S, K, Q) cache rides in the layer loop's carry: write this layer's new
+      # rows in place, then read the layer's slots back for attention.
+      k_all, v_all, layer = cache_kv
+      k_all = jax.lax.dynamic_update_slice(
+        k_all, k_BTKQ.astype(k_all.dtype)[None], (layer, 0, cache_index, 0, 0)
+      )
+      v_all = jax.lax.dynamic_update_slice(
+        v_all, v_BTKQ.astype(v_all.dtype)[None], (layer, 0, cache_index, 0, 0)
+      )
+      new_cache = (k_all, v_all)
+      k_BTKQ = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+      v_BTKQ = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
     impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
     if mask_BTS is None:
       out_BTHQ = jax.nn.dot_product_attention(q_BTHQ, k_BTKQ, v_BTKQ, is_causal=True, implementation=impl)
     else:
       out_BTHQ = jax.nn.dot_product_attention(
-          q_BTHQ, k_BTKQ, v_BTKQ, mask=mask_BTS[:, None, :, :], implementation=impl
+        q_BTHQ, k_BTKQ, v_BTKQ, mask=mask_BTS[:, None, :, :], implementation=impl
       )
     y_BTD = jnp.einsum("bthq,hqd->btd", out_BTHQ, self.wo[...].astype(dt))
     if cfg.use_bias:
@@ -294,10 +319,10 @@ class Block(nnx.Module):
 
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -325,15 +350,15 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
 
   def __call__(
-      self,
-      inputs_BT: Array,
-      positions_BT: Array | None = None,
-      segment_ids_BT: Array | None = None,
-      *,
-      attn_mask_BTS: Array | None = None,
-      cache: dict | None = None,
-      cache_index: Array | int | None = None,
-      compute_logits: bool = True,
+    self,
+    inputs_BT: Array,
+    positions_BT: Array | None = None,
+    segment_ids_BT: Array | None = None,
+    *,
+    attn_mask_BTS: Array | None = None,
+    cache: dict | None = None,
+    cache_index: Array | int | None = None,
+    compute_logits: bool = True,
   ) -> Output:
     """Runs the model.
 
@@ -357,18 +382,23 @@ class Transformer(nnx.Module):
 
     block_graph, block_params = nnx.split(self.blocks)
 
-    def layer(x_BTD, xs):
-      params, cache_kv = xs
+    def layer(carry, xs):
+      x_BTD, kv = carry
+      params, idx = xs
       block = nnx.merge(block_graph, params)
-      x_BTD, new_cache = block(x_BTD, positions_BT, mask_BTS, cache_kv, cache_index)
-      return x_BTD, new_cache
+      cache_kv = None if kv is None else (kv[0], kv[1], idx)
+      x_BTD, new_kv = block(x_BTD, positions_BT, mask_BTS, cache_kv, cache_index)
+      return (x_BTD, new_kv), None
 
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
-    cache_xs = None if cache is None else (cache["k"], cache["v"])
-    x_BTD, new_kv = jax.lax.scan(
-        layer, x_BTD, (block_params, cache_xs), unroll=1 if cfg.scan_layers else cfg.num_layers
+    kv0 = None if cache is None else (cache["k"], cache["v"])
+    (x_BTD, new_kv), _ = jax.lax.scan(
+      layer,
+      (x_BTD, kv0),
+      (block_params, jnp.arange(cfg.num_layers)),
+      unroll=1 if cfg.scan_layers else cfg.num_layers,
     )
     hidden_BTD = self.final_norm(x_BTD)
     logits_BTV = None
