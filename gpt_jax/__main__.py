@@ -124,6 +124,9 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment config, FILE.py:PRESET")
   if workdir:
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and data artifacts")
+    from gpt_jax import distributed
+
+    distributed.add_flags(p)  # multi-process jobs: --coordinator_address, --num_processes, --process_id
   for flag, kwargs in extra:
     p.add_argument(flag, **kwargs)
   return p
@@ -166,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     name, args, cfg = parse(argv)
+    if getattr(args, "workdir", None) and hasattr(args, "coordinator_address"):
+      from gpt_jax import distributed
+
+      distributed.initialize_from_args(args)
     COMMANDS[name][0](cfg, getattr(args, "workdir", None), args)
   except GptJaxError as e:
     print(f"gpt_jax: error: {e}", file=sys.stderr)

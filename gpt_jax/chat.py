@@ -86,6 +86,10 @@ def run(workdir: str, *, prompt: str | None = None, system: str = "", temperatur
     reply = _stream_reply(loaded, ids, sample_cfg, seed + turn, out)
     replies.append(reply)
     if loaded.is_chat:
-      messages.append({"role": "assistant", "content": reply or " "})
+      if reply.strip():
+        messages.append({"role": "assistant", "content": reply})
+      else:  # an empty turn cannot be rendered again: leave this exchange out of the history
+        messages.pop()
+        out.write("[empty reply: this exchange is not kept in the conversation]\n")
     turn += 1
   return replies

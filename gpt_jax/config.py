@@ -221,7 +221,7 @@ def validate_train(cfg, n_devices: int) -> None:
   if o.warmup_steps < 0 or o.decay_steps < 0:
     raise ConfigError("optim.warmup_steps/decay_steps: must be >= 0")
   decay = o.decay_steps or t.steps
-  if o.warmup_steps >= decay:
+  if o.schedule == "cosine" and o.warmup_steps >= decay:
     raise ConfigError(f"optim.warmup_steps: {o.warmup_steps} must be smaller than the decay steps ({decay})")
   if o.schedule not in ("cosine", "constant"):
     raise ConfigError(f"optim.schedule: must be 'cosine' or 'constant', got {o.schedule!r}")

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -38,7 +40,7 @@ ENV_TIMEOUT = "GPT_JAX_INIT_TIMEOUT_S"  # seconds to wait for all processes to c
 ENV_MODE = "GPT_JAX_DISTRIBUTED"  # "auto" (default), "1": always initialize, "0": never
 DEFAULT_TIMEOUT_S = 300
 
-_state = {"requested": None, "exchanges": 0}
+_state = {"exchanges": 0}  # exchanges: a counter that keeps key-value keys unique
 
 
 def _env(names: Sequence[str]) -> tuple[str, str] | None:
@@ -136,25 +138,36 @@ def initialize(
     raise ConfigError(f"--coordinator_address: expected HOST:PORT, got {coordinator_address!r}")
   # CPU hosts exchange data over gloo; without it cross-process collectives on CPU are unsupported.
   # The option only concerns the CPU backend, so setting it on GPU/TPU hosts changes nothing there.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, KeyError, ValueError):  # a JAX without the option: its default is used
+    log.warning("this JAX has no jax_cpu_collectives_implementation option; using its default")
+  # JAX aborts the process (a C++ fatal error, no Python exception) when the connect deadline passes.
+  # Our own deadline comes first and ends the process with the project's one-line error instead.
+  late = (
+    f"process {process_id}: could not join the {num_processes}-process job at {coordinator_address} within "
+    f"{timeout_s}s; check that every process got the same --num_processes, a distinct --process_id and the "
+    "same --coordinator_address, and that all of them were started"
+  )
+  watchdog = threading.Timer(float(timeout_s), _exit_with, args=(late,))
+  watchdog.daemon = True
+  watchdog.start()
   try:
     jax.distributed.initialize(
       coordinator_address,
       num_processes,
       process_id,
       local_device_ids,
-      initialization_timeout=int(timeout_s),
+      initialization_timeout=int(timeout_s) + 60,
     )
   except RuntimeError as e:
     if "must be called before" in str(e) or "only be called once" in str(e):
       raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
-    raise ConfigError(
-      f"process {process_id}: could not join the {num_processes}-process job at {coordinator_address} within "
-      f"{timeout_s}s ({_first_line(e)}); check that every process got the same --num_processes, a distinct "
-      "--process_id and the same --coordinator_address"
-    ) from None
+    raise ConfigError(f"{late} ({_first_line(e)})") from None
   except (ValueError, TypeError) as e:
     raise ConfigError(f"distributed.initialize: {_first_line(e)}") from None
+  finally:
+    watchdog.cancel()
   _check_same_count(coordinator_address, timeout_s)
   _warm_up()
   log.info("%s", describe())
@@ -198,6 +211,11 @@ def _warm_up() -> None:
   if int(total) != jax.device_count():
     raise ConfigError(f"distributed: a sum over all devices gave {int(total)}, expected {jax.device_count()}")
   multihost_utils.sync_global_devices("gpt_jax_distributed_initialize")  # the one-device-per-process groups
+
+
+def _exit_with(message: str) -> None:
+  print(f"gpt_jax: error: {message}", file=sys.stderr, flush=True)
+  os._exit(2)  # the main thread is blocked inside the runtime's connect: nothing else can end it
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,13 +14,13 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   at decay_steps (0 means total_steps), constant after."""
   decay_steps = int(optim_cfg.decay_steps) or int(total_steps)
   warmup = int(optim_cfg.warmup_steps)
-  if warmup >= decay_steps:
-    raise ConfigError(f"optim.warmup_steps: {warmup} must be smaller than the decay steps ({decay_steps})")
   if optim_cfg.schedule == "constant":
     return optax.join_schedules(
         [optax.linear_schedule(0.0, optim_cfg.lr_peak, max(warmup, 1)), optax.constant_schedule(optim_cfg.lr_peak)],
         [warmup],
     )
+  if warmup >= decay_steps:
+    raise ConfigError(f"optim.warmup_steps: {warmup} must be smaller than the decay steps ({decay_steps})")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=float(optim_cfg.lr_peak),

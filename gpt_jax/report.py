@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+import ml_collections
+
 from gpt_jax import metrics as metrics_lib
 
 STAGES = ("pretrain", "sft", "rm", "ppo")
@@ -109,7 +111,7 @@ def compare_answers(workdir: str, cfg=None, n: int = 8) -> list[dict]:
     return []
   from gpt_jax.stages import sft as sft_stage
 
-  spec = sft_stage.task_spec(_Cfg(sft_cfg["sft"]))
+  spec = sft_stage.task_spec(ml_collections.ConfigDict(sft_cfg["sft"]))
   held_out = tasks.make_tasks("eval", n, seed=1234, spec=spec)
   rows = [{"prompt": t.question, "reference": t.answer} for t in held_out]
   for stage in ("pretrain", "sft", "ppo"):
@@ -122,14 +124,6 @@ def compare_answers(workdir: str, cfg=None, n: int = 8) -> list[dict]:
       row[stage] = reply.strip()
       row[f"{stage}_gold"] = tasks.grade(t, reply)
   return rows
-
-
-class _Cfg(dict):
-  """Attribute access over a saved config dict (what task_spec expects of a ConfigDict)."""
-
-  def __getattr__(self, k):
-    v = self[k]
-    return _Cfg(v) if isinstance(v, dict) else v
 
 
 def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
@@ -157,7 +151,7 @@ def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
   if pre_cfg:
     from gpt_jax import describe
 
-    parts.append("## Model\n\n```\n" + describe.table(_Cfg(pre_cfg)) + "\n```\n")
+    parts.append("## Model\n\n```\n" + describe.table(ml_collections.ConfigDict(pre_cfg)) + "\n```\n")
 
   results = []
   checks = [

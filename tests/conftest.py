@@ -40,3 +40,15 @@ def prepared_dir(tmp_path_factory):
   tokens = cfg.train.global_batch * cfg.train.seq_len
   data.prepare(cfg.data, d, token_budget=tokens * cfg.train.steps, tokens_per_batch=tokens, log=lambda *a: None)
   return d
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(prepared_dir, tmp_path_factory):
+  """A whole tiny pipeline run (pretrain, sft, rm, ppo, report), made once per session."""
+  from gpt_jax.stages import pipeline
+  from tests.helpers import seed_workdir, tiny_pipeline_config
+
+  d = str(tmp_path_factory.mktemp("pipeline"))
+  seed_workdir(prepared_dir, os.path.join(d, "pretrain"))
+  pipeline.run(tiny_pipeline_config(), d, log_fn=lambda *a: None)
+  return d

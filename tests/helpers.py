@@ -50,3 +50,29 @@ def seed_workdir(prepared_dir: str, workdir: str) -> str:
   for sub in ("tokenizer", "shards"):
     shutil.copytree(os.path.join(prepared_dir, sub), os.path.join(workdir, sub))
   return workdir
+
+
+PIPELINE = os.path.join(REPO, "experiments", "pipeline.py")
+
+
+def tiny_pipeline_overrides(**extra) -> dict:
+  """The demo pipeline shrunk for tests: the tiny pretraining model and a few steps per stage."""
+  o = {f"pretrain.{k}": v for k, v in TINY.items()}
+  o.update({
+      "pretrain.train.steps": 8, "pretrain.train.eval_every": 4, "pretrain.train.checkpoint_every": 4,
+      "sft.train.steps": 8, "sft.train.seq_len": 64, "sft.train.global_batch": 8, "sft.train.eval_every": 4,
+      "sft.train.checkpoint_every": 4, "sft.train.eval_batches": 2, "sft.train.progress_bar": False,
+      "sft.optim.warmup_steps": 2, "sft.sft.eval_samples": 16, "sft.sft.task_train": 400, "sft.sft.task_eval": 32,
+      "rm.train.steps": 6, "rm.train.global_batch": 8, "rm.train.eval_every": 3, "rm.train.checkpoint_every": 3,
+      "rm.train.eval_batches": 2, "rm.train.progress_bar": False, "rm.optim.warmup_steps": 2,
+      "rm.rm.task_train": 200, "rm.rm.task_eval": 32, "rm.rm.stats_samples": 16, "rm.rm.stats_batch": 16,
+      "ppo.ppo.iterations": 2, "ppo.ppo.rollout_batch": 8, "ppo.ppo.minibatch": 8, "ppo.ppo.epochs": 1,
+      "ppo.ppo.eval_every": 1, "ppo.ppo.eval_prompts": 8, "ppo.ppo.task_train": 64, "ppo.train.checkpoint_every": 1,
+      "ppo.train.progress_bar": False,
+  })
+  o.update(extra)
+  return o
+
+
+def tiny_pipeline_config(**extra):
+  return config_lib.load(f"{PIPELINE}:demo", tiny_pipeline_overrides(**extra))

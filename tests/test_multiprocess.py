@@ -4,8 +4,10 @@ and bad job settings fail with one-line errors on every process instead of hangi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -179,7 +181,7 @@ def test_two_processes_match_one_survive_kill_and_resume_on_one(prepared_dir, tm
     ),
     # Both connect (the coordinator counts 2); the disagreement is found by comparing what each was told.
     ("bad_count", [r"--num_processes: process 1 was started with 3"] * 2),
-    ("bad_batch", [r"train\.global_batch: 6 is not divisible by the 2 processes"] * 2),
+    ("bad_batch", [r"train\.global_batch: 5 is not divisible by the 2 processes"] * 2),
   ],
 )
 def test_bad_job_settings_fail_on_every_process(tmp_path, case, expected):
@@ -189,18 +191,18 @@ def test_bad_job_settings_fail_on_every_process(tmp_path, case, expected):
     kw = dict(ids=[0, 2])
   elif case == "bad_count":
     kw = dict(counts=[2, 3])
-  else:  # a tensor-parallel mesh: 6 rows are fine for the mesh but cannot be split over 2 processes
-    overrides = {"train.global_batch": 6, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}
+  else:  # a tensor-parallel mesh: 5 rows are fine for the mesh but cannot be split over 2 processes
+    overrides = {"train.global_batch": 5, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}
   specs = _specs(2, mode="init", workdir=str(tmp_path / "wd"), overrides=overrides, **kw)
-  for s in specs:
-    s["init_timeout_s"] = 15
+  for s in specs:  # bad_id: process 0 waits this long for a process that never comes
+    s["init_timeout_s"] = 8 if case == "bad_id" else 60
   job = Job(tmp_path, case, specs)
   codes = job.wait(timeout_s=180)
   for i, pattern in enumerate(expected):
     assert codes[i] == 2, job.tails()
     errors = [line for line in job.log(i).splitlines() if line.startswith("gpt_jax: error:")]
     assert len(errors) == 1, job.tails()
-    assert __import__("re").search(pattern, errors[0]), job.tails()
+    assert re.search(pattern, errors[0]), job.tails()
 
 
 def test_initialize_checks_settings_before_connecting(monkeypatch):
@@ -220,6 +222,11 @@ def test_initialize_checks_settings_before_connecting(monkeypatch):
   monkeypatch.setenv("GPT_JAX_NUM_PROCESSES", "two")
   with pytest.raises(ConfigError, match=r"GPT_JAX_NUM_PROCESSES: expected an integer, got 'two'"):
     distributed.initialize()
+  parser = argparse.ArgumentParser()
+  distributed.add_flags(parser)
+  args = parser.parse_args(["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"])
+  with pytest.raises(ConfigError, match=r"--process_id: 2 is out of range"):
+    distributed.initialize_from_args(args)
   monkeypatch.setenv(distributed.ENV_MODE, "0")
   assert distributed.initialize() is False  # switched off: the environment is ignored
 
@@ -229,6 +236,8 @@ def test_check_train_names_the_mesh_and_describes_the_job():
     distributed.check_train(tiny_config(**{"mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 1}))
   distributed.check_train(tiny_config())
   assert distributed.is_main()
+  assert distributed.main_only(print) is print
+  assert distributed.main_first(lambda: 7, what="nothing") == 7
   assert distributed.describe().startswith("process 0/1 on ")
   assert distributed.describe().endswith("8 local of 8 global devices (cpu)")
   assert distributed.exchange("anything", "v") == {0: "v"}

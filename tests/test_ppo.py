@@ -99,7 +99,9 @@ def test_alarms_for_kl_and_reward_hacking():
 def test_one_update_follows_the_advantages():
   from gpt_jax.stages import ppo
 
-  cfg = model_lib.preset("tiny", vocab_size=64, max_seq_len=32, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
+  cfg = model_lib.preset(
+    "tiny", vocab_size=64, max_seq_len=32, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64
+  )
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   policy = trainer.Model.build(cfg, mesh, head=True)  # the critic is a head on the policy here
   params = {"policy": policy.init_params(0)}
@@ -121,7 +123,9 @@ def test_one_update_follows_the_advantages():
   old_logp, old_values = map(np.asarray, logp_of(params))
   adv = np.where(np.arange(B)[:, None] % 2 == 0, 1.0, -1.0) * mask  # even rows good, odd rows bad
   batch = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
-  batch.update(response_mask=mask, old_logp=old_logp, old_values=old_values, advantages=adv, returns=old_values + 1.0)
+  batch.update(
+    response_mask=mask, old_logp=old_logp, old_values=old_values, advantages=adv, returns=old_values + 1.0
+  )
   ocfg = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).optim
   with ocfg.unlocked():
     ocfg.warmup_steps, ocfg.lr_peak = 0, 1e-3
@@ -129,7 +133,13 @@ def test_one_update_follows_the_advantages():
   state = step_lib.init_state(params, optimizer, 0)
   sh = step_lib.state_shardings(mesh, optimizer, {"policy": policy.shardings}, state)
   step = step_lib.make_train_step(
-    loss_fn, optimizer, lr, mesh=mesh, state_sharding=sh, batch_sharding=sharding.batch_sharding(mesh), donate=False
+    loss_fn,
+    optimizer,
+    lr,
+    mesh=mesh,
+    state_sharding=sh,
+    batch_sharding=sharding.batch_sharding(mesh),
+    donate=False,
   )
   new_state, m = step(state, batch)
   assert float(m["finite"]) == 1.0 and float(m["policy_clipfrac"]) == 0.0  # first step: ratio 1
@@ -200,7 +210,11 @@ def runs(tmp_path_factory):
   model_dict = config_lib.to_dict(ppo_cfg("", "").model)
   mcfg = model_lib.ModelConfig.from_config(model_dict)
   _, sft_params = model_lib.split(mcfg, 0)
-  sft_dir = write_run(root / "sft", tok_dir, "sft", model_dict, sft_params, {"sft": sft_exp.sft_config().to_dict()})
+  sft_dir = write_run(
+    root / "sft", tok_dir, "sft", model_dict, sft_params, {"sft": sft_exp.sft_config().to_dict()}
+  )
+  # The SFT run's demonstrations: PPO-ptx mixes their next-token loss in.
+  tasks.write_jsonl(os.path.join(sft_dir, "data", "train.jsonl"), tasks.task_rows(tasks.make_tasks("train", 64, 0)))
   _, rm_params = model_lib.split(mcfg, 1)
   rm_params[heads.HEAD] = {"w": jax.random.normal(jax.random.key(2), (mcfg.d_model,)), "b": jnp.zeros(())}
   rm_dir = write_run(root / "rm", tok_dir, "rm", model_dict, rm_params)
@@ -222,7 +236,8 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
 
   sft_dir, rm_dir, _ = runs
   quiet = lambda *a: None
-  full = ppo.run(ppo_cfg(sft_dir, rm_dir), str(tmp_path / "full"), log_fn=quiet)
+  ptx = {"ppo.ptx_coef": 0.5, "ppo.ptx_batch": 4, "ppo.ptx_seq_len": 32}
+  full = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), str(tmp_path / "full"), log_fn=quiet)
   assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
   assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
   # The same command, stopped by SIGTERM after iteration 1 (checkpoint written), then run again.
@@ -233,14 +248,23 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
       os.kill(os.getpid(), signal.SIGTERM)
 
   with pytest.raises(trainer.Preempted):
-    ppo.run(ppo_cfg(sft_dir, rm_dir), half, log_fn=preempt_after_first)
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), half, log_fn=preempt_after_first)
   logs = []
-  resumed = ppo.run(ppo_cfg(sft_dir, rm_dir), half, log_fn=logs.append)
+  resumed = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), half, log_fn=logs.append)
   assert any("resumed from iteration 1" in line for line in logs)
   for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The checkpoint's "policy" item is a plain model's params (what inference and later stages load).
+  ref = ckpt_lib.restore_params(
+    os.path.join(half, "checkpoints"),
+    jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full["params"]["policy"]
+    ),
+    item="policy",
+  )
+  np.testing.assert_array_equal(np.asarray(ref["embed"]), np.asarray(full["params"]["policy"]["embed"]))
   want, got = ppo_records(str(tmp_path / "full")), ppo_records(half)
-  assert want[2] == got[2] and set(want[2]) >= {"ppo/reward", "ppo/kl", "ppo/gold", "ppo/explained_variance"}
+  assert want[2] == got[2] and set(want[2]) >= {"ppo/reward", "ppo/kl", "ppo/gold", "ppo/explained_variance", "ppo/ptx_loss"}
   # Iteration 0 evaluates the SFT model; its answers are kept for the report.
   samples = [json.loads(x) for x in open(os.path.join(half, "samples", "iter_00000.jsonl"))]
   assert len(samples) == 8 and {"prompt", "answer", "response", "gold", "reward_raw"} <= set(samples[0])
@@ -260,7 +284,9 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.prompts": str(empty)}), str(work))
   long = tmp_path / "long.jsonl"
   long.write_text(json.dumps({"messages": [{"role": "user", "content": "Sort: " + "3 " * 40}]}) + "\n")
-  with pytest.raises(ConfigError, match=r"ppo.max_new_tokens: ppo train prompt\[0\] has \d+ tokens; with 6 new"):
+  with pytest.raises(
+    ConfigError, match=r"ppo.max_new_tokens: ppo train prompt\[0\] has \d+ tokens; with 6 new"
+  ):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.prompts": str(long)}), str(work))
   with pytest.raises(ConfigError, match=r"model.d_model: 32 differs from 64 in the SFT checkpoint"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"model.d_model": 32}), str(work))

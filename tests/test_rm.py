@@ -337,6 +337,14 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
     "accuracy"
   ] <= 1.0
   assert ev["pairs"] == 16  # every held-out pair, none dropped
+  by_label = {k: v for k, v in ev.items() if k.startswith("accuracy_")}
+  assert {k.split("/")[0] for k in by_label} == {
+    "accuracy_add",
+    "accuracy_reverse",
+    "accuracy_sort",
+    "accuracy_upper",
+  }
+  assert any(line.startswith("[rm] held-out accuracy by label: add/") for line in logs)
   assert result["data"]["train_pairs"] == 64 and result["data"]["eval_dropped_too_long"] == 0
   stats = json.load(open(os.path.join(workdir, rm.STATS_FILE)))
   assert stats["n"] == 8 and stats["source"] == "sft samples" and stats["std"] >= 0.0

@@ -51,7 +51,8 @@ class Comparison:
   rejected: str
   group: int
   margin: float = 0.0
-  kind: str = ""
+  kind: str = ""  # optional labels of the record ("kind", "reason"): held-out accuracy is broken down by them
+  reason: str = ""
   where: str = ""
 
 
@@ -102,7 +103,7 @@ def parse_line(row, where: str, group: int) -> list[Comparison]:
   if "prompt" not in row:
     raise DataError(f"{where}: missing field 'prompt'")
   prompt = check_prompt(row["prompt"], where)
-  kind = str(row.get("kind", ""))
+  kind, reason = str(row.get("kind", "")), str(row.get("reason", ""))
   if "ranking" in row:
     ranking = row["ranking"]
     if not isinstance(ranking, list) or len(ranking) < 2:
@@ -116,7 +117,7 @@ def parse_line(row, where: str, group: int) -> list[Comparison]:
           )
     # All k(k-1)/2 ordered pairs, better first (InstructGPT's expansion of a k-way ranking).
     return [
-      Comparison(prompt, texts[i], texts[j], group, 0.0, kind, where)
+      Comparison(prompt, texts[i], texts[j], group, 0.0, kind, reason, where)
       for i in range(len(texts))
       for j in range(i + 1, len(texts))
     ]
@@ -132,7 +133,7 @@ def parse_line(row, where: str, group: int) -> list[Comparison]:
   margin = row.get("margin", 0.0)
   if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not np.isfinite(margin):
     raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-  return [Comparison(prompt, chosen, rejected, group, float(margin), kind, where)]
+  return [Comparison(prompt, chosen, rejected, group, float(margin), kind, reason, where)]
 
 
 def read_comparisons(path: str) -> list[Comparison]:
@@ -211,6 +212,7 @@ class EncodedPairs:
   margin: np.ndarray  # float32 (N,)
   group: np.ndarray  # int64 (N,): pairs of one prompt share a group
   where: list[str]  # file:line of each pair (for error messages)
+  labels: list[str]  # "kind/reason" of each pair ('' when the data has none)
   stats: dict  # pairs, groups, dropped_too_long, tokens
 
   def __len__(self) -> int:
@@ -220,7 +222,7 @@ class EncodedPairs:
 def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name: str) -> EncodedPairs:
   """Renders every pair; a pair with a side longer than seq_len tokens is dropped and counted (never cut:
   the reward is read at the final token, which a cut would remove). DataError when nothing is left."""
-  chosen, rejected, margin, group, where = [], [], [], [], []
+  chosen, rejected, margin, group, where, labels = [], [], [], [], [], []
   dropped = 0
   cache: dict[tuple, np.ndarray] = {}  # k-way rankings render each response once
 
@@ -240,6 +242,7 @@ def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name
     margin.append(c.margin)
     group.append(c.group)
     where.append(c.where)
+    labels.append("/".join(x for x in (c.kind, c.reason) if x))
   if not chosen:
     raise DataError(
       f"{name}: all {len(comps)} pairs have a response longer than seq_len = {seq_len} tokens "

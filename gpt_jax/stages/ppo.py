@@ -38,7 +38,7 @@ import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import heads, losses, optim, rl, sampling, sharding, trainer
+from gpt_jax import distributed, heads, losses, optim, rl, sampling, sharding, trainer
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax import step as step_lib
@@ -228,10 +228,30 @@ def save_config(workdir: str, cfg) -> None:
     os.replace(tmp, path)
 
 
-def _place(model: trainer.Model, shapes=None):
-  shapes = model.shapes if shapes is None else shapes
+def checkpoint_tree(state: dict) -> dict:
+  """The train state as checkpointed: {"policy": the transformer's params (what inference and later
+  stages load as item "policy"), "value": the critic's | "value_head": the policy's value head,
+  "opt_state", "step", "rng", "skipped"}. Works on arrays and on ShapeDtypeStructs alike."""
+  params = dict(state["params"])
+  policy, head = heads.split_head(params.pop("policy"))
+  out = {"policy": policy, **params, **({} if head is None else {"value_head": head})}
+  return out | {k: v for k, v in state.items() if k != "params"}
+
+
+def state_tree(tree: dict) -> dict:
+  """The inverse of checkpoint_tree."""
+  tree = dict(tree)
+  policy = tree.pop("policy")
+  if "value_head" in tree:
+    policy = {**policy, heads.HEAD: tree.pop("value_head")}
+  params = {"policy": policy} | ({"value": tree.pop("value")} if "value" in tree else {})
+  return {"params": params, **tree}
+
+
+def _place(model: trainer.Model):
+  """The model's params as ShapeDtypeStructs carrying their shardings (what restore_params places)."""
   return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, model.shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), model.shapes, model.shardings
   )
 
 
@@ -335,7 +355,8 @@ class _Run:
       abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state, self.state_sh
       )
-      self.state, extra = ckpt.restore(latest, abstract)
+      tree, extra = ckpt.restore(latest, checkpoint_tree(abstract))
+      self.state = state_tree(tree)
       self.kl_coef = float(extra["kl_coef"])
       self.order.set_state(extra["prompt_position"])
       self.alarms.set_state(extra.get("alarms", {}))
@@ -366,13 +387,12 @@ class _Run:
       "kl_coef": self.kl_coef,
       "prompt_position": self.order.get_state(),
       "alarms": self.alarms.get_state(),
-      "rng": "rollout key of iteration i = fold_in(state.rng, i)",
       "config": config_lib.to_dict(self.cfg),
       "stage": "ppo",
     }
     if self.ptx is not None:
       extra["ptx_loader"] = self.ptx.get_state()
-    ckpt.save(iteration, self.state, extra=extra, force=True)
+    ckpt.save(iteration, checkpoint_tree(self.state), extra=extra, force=True)
 
   # -- rollouts
 
@@ -445,6 +465,7 @@ class _Run:
     p = self.p
     idx = self.order.take(self.B)
     tokens_BP, lengths_B = self.prompt_arrays[0][idx], self.prompt_arrays[1][idx]
+    # The rollout key of iteration i is fold_in(state.rng, i): a resumed run samples what the first would have.
     key = jax.random.fold_in(jax.random.wrap_key_data(self.state["rng"]), it)
     rows, out, exp, gen_s, score_s = self.rollout(tokens_BP, lengths_B, key, greedy=False)
     golds = [
@@ -540,7 +561,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     )
   trainer.check_workdir(workdir)
 
-  with ckpt_lib.WorkdirLock(workdir):
+  with distributed.WorkdirLock(workdir):
     save_config(workdir, cfg)
     sft_stage.install_tokenizer(src.sft, workdir, log_fn)
     r = _Run(cfg, workdir, model_cfg, src, train_prompts, eval_prompts, P, ptx_enc, log_fn)

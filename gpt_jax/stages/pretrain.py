@@ -9,7 +9,7 @@ import jax
 
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax import losses, sharding, trainer
+from gpt_jax import distributed, losses, sharding, trainer
 from gpt_jax import model as model_lib
 from gpt_jax.model import ModelConfig
 
@@ -30,21 +30,23 @@ def validate(cfg) -> ModelConfig:
   """All config checks that need no data and no compile; returns the model config."""
   model_cfg = ModelConfig.from_config(cfg.model)
   config_lib.validate_train(cfg, jax.device_count())
+  distributed.check_train(cfg)
   return model_cfg
 
 
 def run(cfg, workdir: str, log_fn=print) -> dict:
   """Tokenizes the mixture (once), then pretrains to cfg.train.steps; resumes from the workdir."""
-  from gpt_jax.checkpoint import WorkdirLock
-
   model_cfg = validate(cfg)
   trainer.check_workdir(workdir)
   t = cfg.train
-  with WorkdirLock(workdir):
+  with distributed.WorkdirLock(workdir):
     trainer.save_config(workdir, cfg)
     tokens_per_step = int(t.global_batch) * int(t.seq_len)
-    prepared = data_lib.prepare(
-        cfg.data, workdir, token_budget=tokens_per_step * int(t.steps), tokens_per_batch=tokens_per_step, log=log_fn
+    # One process tokenizes; the others then only verify what it built.
+    prepared = distributed.main_first(
+        lambda: data_lib.prepare(cfg.data, workdir, token_budget=tokens_per_step * int(t.steps),
+                                 tokens_per_batch=tokens_per_step, log=log_fn),
+        what="data.prepare",
     )
     data_lib.check_vocab(prepared.tokenizer, model_cfg.vocab_size)
     write_data_summary(workdir, prepared)

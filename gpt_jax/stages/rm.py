@@ -21,7 +21,7 @@ import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import heads, losses, sampling, sharding, trainer
+from gpt_jax import distributed, heads, losses, sampling, sharding, trainer
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax.data import comparisons as comp_data
@@ -268,6 +268,17 @@ def score_sequences(
   return out
 
 
+def accuracy_by_label(model: trainer.Model, params, enc: comp_data.EncodedPairs, pad_id: int) -> dict:
+  """Held-out pairwise accuracy per label ("kind/reason" of the data, e.g. accuracy_add/wrong); {} without labels."""
+  if not any(enc.labels):
+    return {}
+  seqs = [s for pair in zip(enc.chosen, enc.rejected) for s in pair]
+  r_N2 = np.asarray(score_sequences(model, params, seqs, pad_id)).reshape(-1, 2)
+  right = r_N2[:, 0] > r_N2[:, 1]
+  labels = np.asarray(enc.labels)
+  return {f"accuracy_{k}": float(right[labels == k].mean()) for k in sorted(set(enc.labels)) if k}
+
+
 # --- reward statistics over the SFT model's own samples ---------------------------------------------
 
 
@@ -356,7 +367,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
   model_cfg = validate(cfg)
   trainer.check_workdir(workdir)
   t, r = cfg.train, cfg.rm
-  with ckpt_lib.WorkdirLock(workdir):
+  with distributed.WorkdirLock(workdir):
     resuming = sft.has_checkpoint(workdir)
     src = None
     if not resuming:  # a resumed run needs the SFT workdir only for reward_stats.json
@@ -397,6 +408,15 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     if src is not None:
       log_fn(f"[rm] starting from {src.checkpoint}")
     result = trainer.fit(cfg, workdir, model, stage, log_fn=log_fn)
+    if result["eval"]:  # the final held-out accuracy, broken down by the data's labels
+      by_label = accuracy_by_label(model, result["params"], eval_enc, tokenizer.pad_id)
+      if by_label:
+        with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False) as w:
+          w.write(result["step"], by_label, prefix="eval/")
+        log_fn(
+          "[rm] held-out accuracy by label: " + " ".join(f"{k[9:]}={v:.3f}" for k, v in by_label.items())
+        )
+        result["eval"].update(by_label)
     if int(r.stats_samples):
       write_stats(cfg, workdir, model, result["params"], tokenizer, train_comps, result["step"], log_fn)
     result["data"] = data_stats

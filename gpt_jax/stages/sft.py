@@ -19,9 +19,9 @@ import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
+from gpt_jax import distributed, sampling, sharding, trainer
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
-from gpt_jax import sampling, sharding, trainer
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.data.tokenizer import META_FILE, MODEL_FILE, check_vocab, load_tokenizer
@@ -310,7 +310,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
   model_cfg = validate(cfg)
   trainer.check_workdir(workdir)
   t, s = cfg.train, cfg.sft
-  with ckpt_lib.WorkdirLock(workdir):
+  with distributed.WorkdirLock(workdir):
     resuming = has_checkpoint(workdir)
     src = None
     if not resuming:  # a resumed run needs nothing from the pretraining workdir any more
