@@ -15,8 +15,9 @@ from gpt_jax.data import default_data_config
 
 # preset -> (model preset, train overrides, optim overrides)
 _PRESETS = {
-    "tiny": ("tiny", dict(steps=300, global_batch=16, seq_len=256, eval_every=100, checkpoint_every=100),
-             dict(lr_peak=3e-3, warmup_steps=30)),
+    # Sized so the whole demo pipeline fits in minutes on 2 CPU cores (2,048-token batches).
+    "tiny": ("tiny", dict(steps=200, global_batch=16, seq_len=128, eval_every=100, checkpoint_every=100),
+             dict(lr_peak=3e-3, warmup_steps=20)),
     "tiny_gpt2": ("tiny_gpt2", dict(steps=300, global_batch=16, seq_len=256, eval_every=100, checkpoint_every=100),
                   dict(lr_peak=3e-3, warmup_steps=30)),
     "cpu_bench": ("cpu_bench", dict(steps=200, global_batch=16, seq_len=256), dict(lr_peak=1e-3, warmup_steps=20)),

@@ -1,5 +1,11 @@
 """`python tests/fault_worker.py COMMAND ARGS...`: the gpt_jax CLI with progress markers for fault tests.
 
+`python tests/fault_worker.py --serve` imports the CLI's modules once and then, for each JSON line
+{"argv": [...], "env": {...}, "log": PATH} on stdin, forks one run (its stderr to PATH) that prints
+`pid N` first; after the run ends the server prints `exit STATUS` (-9 after kill -9, 143 after SIGTERM).
+Forking after the imports (JAX's backend is only started in the child) makes each of the many killed
+and restarted runs of the fault suite cost its training work, not seconds of imports.
+
 Prints one line per event on stdout (flushed), so a test can kill the process at a chosen point:
 
   step N            step N finished (its metrics and checkpoint come next)
@@ -75,8 +81,49 @@ def install_hooks() -> None:
   step_lib.make_train_step = traced_make_train_step
 
 
+def serve() -> None:
+  """Forks one CLI run per command line on stdin (see the module docstring)."""
+  import json
+  import traceback
+
+  # Everything a run imports, loaded once here; nothing of JAX's backend is started in this process.
+  from gpt_jax import __main__ as cli  # noqa: F401
+  from gpt_jax import checkpoint, trainer  # noqa: F401
+  from gpt_jax.data import loader, pipeline  # noqa: F401
+  from gpt_jax.stages import pretrain  # noqa: F401
+
+  _emit("ready")
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+      status = 1
+      try:
+        os.environ.update(cmd.get("env", {}))
+        fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+        _emit(f"pid {os.getpid()}")
+        install_hooks()
+        status = cli.main(cmd["argv"])
+      except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+      except BaseException:  # noqa: BLE001 - reported in the run's log, status 1
+        traceback.print_exc()
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    # A fresh line first: a run killed in the middle of a marker leaves a partial line behind.
+    _emit(f"\nexit {os.waitstatus_to_exitcode(wait_status)}")
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if sys.argv[1:] == ["--serve"]:
+    serve()
+    sys.exit(0)
   install_hooks()
   from gpt_jax.__main__ import main
 

@@ -11,6 +11,7 @@ loop (60 kills on 8 devices) instead of the CI one (20 kills on 2 devices).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -62,64 +63,97 @@ def _run_overrides(spec: dict, **extra) -> dict:
   return {**RUN, "train.steps": spec["steps"], "mesh.fsdp": 2, **extra}
 
 
-class Worker:
-  """One `fault_worker.py pretrain` process; its stdout markers are collected by a reader thread."""
+class Server:
+  """A `fault_worker.py --serve` process for one fake device count: it forks one training run per
+  `start` (imports paid once); its stdout lines are collected by a reader thread."""
 
-  def __init__(self, workdir: str, overrides: dict, *, devices: int, log: str, env: dict | None = None):
-    args = [f"--config.{k}={v}" for k, v in overrides.items()]
-    full_env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **(env or {}))
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    self.log = log
+  def __init__(self, devices: int, log: str):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     with open(log, "w") as err:
       self.proc = subprocess.Popen(
-        [
-          sys.executable,
-          "-u",
-          WORKER,
-          "pretrain",
-          "--config=experiments/pretrain.py:tiny",
-          f"--workdir={workdir}",
-          *args,
-        ],
+        [sys.executable, "-u", WORKER, "--serve"],
         cwd=REPO,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=err,
         text=True,
-        env=full_env,
+        env=env,
       )
-    self.lines: list[str] = []
-    self._queue: queue.Queue = queue.Queue()
-    self._reader = threading.Thread(target=self._read, daemon=True)
-    self._reader.start()
+    self.log = log
+    self.current: Worker | None = None
+    self.lines: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+    line = self.lines.get(timeout=300)
+    assert line == "ready", f"fault worker server did not start: {line!r}; see {log}"
 
   def _read(self):
     for line in self.proc.stdout:
-      self._queue.put(line.rstrip("\n"))
-    self._queue.put(None)
+      if line.strip():
+        self.lines.put(line.rstrip("\n"))
+    self.lines.put(None)
+
+  def start(self, workdir: str, overrides: dict, *, log: str, env: dict | None = None) -> Worker:
+    argv = ["pretrain", "--config=experiments/pretrain.py:tiny", f"--workdir={workdir}"]
+    argv += [f"--config.{k}={v}" for k, v in overrides.items()]
+    self.proc.stdin.write(json.dumps({"argv": argv, "env": env or {}, "log": log}) + "\n")
+    self.proc.stdin.flush()
+    self.current = Worker(self, log)
+    return self.current
+
+  def close(self):
+    """Ends the server, and first a run still going (a failed test must not leave a training run behind)."""
+    if self.current is not None and self.current.status is None:
+      with contextlib.suppress(ProcessLookupError):
+        self.current.kill(signal.SIGKILL)
+    self.proc.stdin.close()
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+
+
+class Worker:
+  """One forked training run of a Server: its markers, its pid, its exit status."""
+
+  def __init__(self, server: Server, log: str):
+    self.server, self.log = server, log
+    self.lines: list[str] = []
+    self.status: int | None = None
+    first = self._next(300)
+    assert first is not None and first.startswith("pid "), first
+    self.pid = int(first.split()[1])
+
+  def _next(self, timeout: float) -> str | None:
+    try:
+      line = self.server.lines.get(timeout=timeout)
+    except queue.Empty:
+      raise AssertionError(f"no output within {timeout}s; last lines: {self.lines[-5:]}") from None
+    assert line is not None, f"the fault worker server died; see {self.server.log}"
+    if line.startswith("exit "):
+      self.status = int(line.split()[1])
+      return None
+    return line
 
   def wait_for(self, accept, timeout: float = 300.0) -> str | None:
-    """Returns the first new line for which accept(line) holds; None when the process ended first."""
+    """Returns the first new line for which accept(line) holds; None when the run ended first."""
     deadline = time.monotonic() + timeout
-    while True:
-      try:
-        line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-      except queue.Empty:
-        self.proc.kill()
-        raise AssertionError(f"no expected marker within {timeout}s; last lines: {self.lines[-5:]}") from None
+    while self.status is None:
+      line = self._next(max(0.0, deadline - time.monotonic()))
       if line is None:
-        self._queue.put(None)
         return None
       self.lines.append(line)
       if accept(line):
         return line
+    return None
+
+  def kill(self, sig: int) -> None:
+    os.kill(self.pid, sig)
 
   def finish(self, timeout: float = 300.0) -> int:
-    """Waits for the process to end, collects the rest of its output, returns its exit status."""
-    rc = self.proc.wait(timeout=timeout)
-    self._reader.join(timeout=30)
-    while (line := self._queue.get()) is not None:
-      self.lines.append(line)
-    return rc
+    """Waits for the run to end, collects the rest of its output, returns its exit status."""
+    self.wait_for(lambda line: False, timeout)
+    return self.status
 
   def stderr(self) -> str:
     with open(self.log) as f:
@@ -127,6 +161,13 @@ class Worker:
 
   def markers(self, kind: str) -> list[int]:
     return [int(line.split()[1]) for line in self.lines if line.startswith(kind + " ")]
+
+
+@pytest.fixture(scope="module")
+def ci_server(tmp_path_factory):
+  server = Server(CI["devices"], str(tmp_path_factory.mktemp("server") / "server.log"))
+  yield server
+  server.close()
 
 
 def _final_state(workdir: str, step: int) -> dict:
@@ -157,18 +198,18 @@ def _assert_trees_bitwise(a, b):
     assert x.tobytes() == y.tobytes()
 
 
-def _reference(prepared_dir: str, root, spec: dict) -> str:
+def _reference(server: Server, prepared_dir: str, root, spec: dict) -> str:
   """An uninterrupted subprocess run of `spec`: the workdir to compare with."""
   wd = seed_workdir(prepared_dir, str(root / "reference"))
-  w = Worker(wd, _run_overrides(spec), devices=spec["devices"], log=str(root / "reference.log"))
+  w = server.start(wd, _run_overrides(spec), log=str(root / "reference.log"))
   assert w.finish() == 0, w.stderr()
   assert w.markers("step") == list(range(1, spec["steps"] + 1))
   return wd
 
 
 @pytest.fixture(scope="module")
-def ci_reference(prepared_dir, tmp_path_factory):
-  return _reference(prepared_dir, tmp_path_factory.mktemp("ci_reference"), CI)
+def ci_reference(ci_server, prepared_dir, tmp_path_factory):
+  return _reference(ci_server, prepared_dir, tmp_path_factory.mktemp("ci_reference"), CI)
 
 
 # A kill happens at the first marker of `phase` for a step >= the planned step, after `delay` seconds.
@@ -192,7 +233,7 @@ def _kill_plan(spec: dict) -> list[tuple[int, str, float]]:
   return plan
 
 
-def _kill_loop(prepared_dir, root, spec, reference):
+def _kill_loop(server, prepared_dir, root, spec, reference):
   wd = seed_workdir(prepared_dir, str(root / "killed"))
   ckpt_dir = os.path.join(wd, "checkpoints")
   overrides = _run_overrides(spec)
@@ -201,7 +242,7 @@ def _kill_loop(prepared_dir, root, spec, reference):
   for i, (point, phase, delay) in enumerate(_kill_plan(spec)):
     latest = ckpt_lib.Checkpointer(ckpt_dir, create=False).latest_step() or 0
     env = {"FAULT_RECORD_PAUSE": str(RECORD_PAUSE)} if phase == "record-start" else {}
-    w = Worker(wd, overrides, devices=spec["devices"], log=str(root / f"run{i}.log"), env=env)
+    w = server.start(wd, overrides, log=str(root / f"run{i}.log"), env=env)
     first = w.wait_for(lambda line: line.startswith("step ") or line.startswith("[pretrain] resumed"))
     # Each restart resumes from the newest complete checkpoint.
     if latest:
@@ -211,7 +252,7 @@ def _kill_loop(prepared_dir, root, spec, reference):
     hit = w.wait_for(lambda line, p=point, ph=phase: line.split()[0] == ph and int(line.split()[1]) >= p)
     assert hit is not None, f"run {i} ended before its kill point {phase} {point}: {w.stderr()[-2000:]}"
     time.sleep(delay)
-    w.proc.send_signal(signal.SIGKILL)
+    w.kill(signal.SIGKILL)
     assert w.finish() == -signal.SIGKILL
     if expect_warning is not None:
       assert f"checkpoint step {expect_warning} in {ckpt_dir} is invalid and skipped" in w.stderr(), i
@@ -226,7 +267,7 @@ def _kill_loop(prepared_dir, root, spec, reference):
     if unfinished and not os.path.exists(os.path.join(ckpt_dir, str(started[-1]), ckpt_lib.INTEGRITY_FILE)):
       unrecorded += 1  # orbax finished this step but the record did not: the restart must skip it
       expect_warning = started[-1]
-  w = Worker(wd, overrides, devices=spec["devices"], log=str(root / "last.log"))
+  w = server.start(wd, overrides, log=str(root / "last.log"))
   assert w.finish() == 0, w.stderr()
   if expect_warning is not None:
     assert f"checkpoint step {expect_warning} in {ckpt_dir} is invalid and skipped" in w.stderr()
@@ -239,16 +280,20 @@ def _kill_loop(prepared_dir, root, spec, reference):
   assert extra["loader"] == {"index": spec["steps"]}
 
 
-def test_kill9_loop_resumes_bitwise(prepared_dir, tmp_path, ci_reference):
+def test_kill9_loop_resumes_bitwise(ci_server, prepared_dir, tmp_path, ci_reference):
   """20 seeded kill -9s (about half inside a checkpoint save), then the uninterrupted result exactly."""
-  _kill_loop(prepared_dir, tmp_path, CI, ci_reference)
+  _kill_loop(ci_server, prepared_dir, tmp_path, CI, ci_reference)
 
 
 @pytest.mark.slow
 def test_kill9_loop_full(prepared_dir, tmp_path):
   """The long variant: 60 kills over 30 steps on 8 devices."""
-  reference = _reference(prepared_dir, tmp_path, FULL)
-  _kill_loop(prepared_dir, tmp_path, FULL, reference)
+  server = Server(FULL["devices"], str(tmp_path / "server.log"))
+  try:
+    reference = _reference(server, prepared_dir, tmp_path, FULL)
+    _kill_loop(server, prepared_dir, tmp_path, FULL, reference)
+  finally:
+    server.close()
 
 
 def test_sigterm_saves_and_resumes_exactly_and_lock_refuses_a_second_run(
@@ -259,20 +304,15 @@ def test_sigterm_saves_and_resumes_exactly_and_lock_refuses_a_second_run(
   wd = seed_workdir(prepared_dir, str(tmp_path / "preempted"))
   go = str(tmp_path / "go")
   overrides = _run_overrides(CI, **{"train.checkpoint_every": 100})  # the SIGTERM save is the only one
-  w = Worker(
-    wd,
-    overrides,
-    devices=CI["devices"],
-    log=str(tmp_path / "first.log"),
-    env={"FAULT_HOLD_AT": "3", "FAULT_HOLD_FILE": go},
-  )
+  env = {"FAULT_HOLD_AT": "3", "FAULT_HOLD_FILE": go}
+  w = ci_server.start(wd, overrides, log=str(tmp_path / "first.log"), env=env)
   assert w.wait_for(lambda line: line == "step 3") == "step 3"  # the worker now waits for `go`
   before = sorted(os.listdir(wd)), open(os.path.join(wd, "config.json")).read()
   second = tiny_config(**overrides)
-  with pytest.raises(CheckpointError, match=f"workdir {wd} is in use by process {w.proc.pid}"):
+  with pytest.raises(CheckpointError, match=f"workdir {wd} is in use by process {w.pid}"):
     pretrain.run(second, wd, log_fn=QUIET)
   assert (sorted(os.listdir(wd)), open(os.path.join(wd, "config.json")).read()) == before
-  w.proc.send_signal(signal.SIGTERM)
+  w.kill(signal.SIGTERM)
   open(go, "w").close()
   assert w.finish() == trainer.PREEMPTED_EXIT_CODE
   assert (
@@ -280,7 +320,7 @@ def test_sigterm_saves_and_resumes_exactly_and_lock_refuses_a_second_run(
   )
   assert w.markers("step") == [1, 2, 3] and w.markers("record-done") == [3]
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), create=False).all_steps() == [3]
-  w = Worker(wd, overrides, devices=CI["devices"], log=str(tmp_path / "second.log"))
+  w = ci_server.start(wd, overrides, log=str(tmp_path / "second.log"))
   assert w.finish() == 0, w.stderr()
   assert f"[pretrain] resumed from step 3 in {wd}" in w.lines
   assert w.markers("step") == list(range(4, CI["steps"] + 1))
