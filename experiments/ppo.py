@@ -66,7 +66,8 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     dict(
       sft_workdir="",  # the SFT run: the policy and the frozen reference start from its newest checkpoint
       rm_workdir="",  # the reward-model run: config.json, tokenizer/, checkpoints/, reward_stats.json
-      value_head_on_policy=False,  # False: a separate critic initialised from the reward model (InstructGPT)
+      value_head_on_policy=False,
+      reward="rm",  # rm: the reward model's score | gold: the task grader's 0/1 (a perfect reward, for diagnosis)  # False: a separate critic initialised from the reward model (InstructGPT)
       prompts="",  # '' = the embedded tasks' training prompts; else JSONL {"messages", ["answer"]}
       eval_path="",  # '' = the embedded held-out tasks; else JSONL {"messages", "answer"}
       task_train=4000,  # embedded training prompts generated (with the SFT run's task knobs)
@@ -90,6 +91,7 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
       kl_horizon=1000,  # rollouts over which the controller corrects at most 20% per error unit
       kl_alarm=8.0,  # log an alarm when the KL per response passes this
       hack_window=5,  # iterations compared for the reward-hacking alarm (reward up, gold down)
+      hack_min_change=0.02,  # ... each by more than this (reward in RM std units, gold as a fraction)
       no_eos_penalty=1.0,  # subtracted from the normalized score of a completion that never ends
       ptx_coef=0.0,  # > 0 mixes in the next-token loss on ptx_path (InstructGPT's PPO-ptx)
       ptx_path="",  # '' = the SFT run's training conversations (<sft_workdir>/data/train.jsonl)

@@ -133,12 +133,13 @@ class Alarms:
   """Watches each iteration for trouble and returns one-line warnings.
 
   kl: the KL to the reference (nats per response) passed `kl_alarm`. reward hacking: over the last
-  `window` iterations against the `window` before them, the normalized reward rose while the gold
-  score fell (the policy is pleasing the reward model, not solving the task).
+  `window` iterations against the `window` before them, the normalized reward rose and the gold
+  score fell, both by more than `min_change` (the policy is pleasing the reward model, not solving
+  the task; the margin keeps iteration-to-iteration noise quiet).
   """
 
-  def __init__(self, kl_alarm: float, window: int):
-    self.kl_alarm, self.window = float(kl_alarm), int(window)
+  def __init__(self, kl_alarm: float, window: int, min_change: float = 0.0):
+    self.kl_alarm, self.window, self.min_change = float(kl_alarm), int(window), float(min_change)
     self.history: list[tuple[float, float]] = []  # (reward, gold) per iteration, the last 2 windows
 
   def update(self, iteration: int, kl: float, reward: float, gold: float | None) -> list[str]:
@@ -152,7 +153,7 @@ class Alarms:
     self.history = (self.history + [(float(reward), float(gold))])[-2 * self.window :]
     if len(self.history) == 2 * self.window:
       before, now = np.mean(self.history[: self.window], 0), np.mean(self.history[self.window :], 0)
-      if now[0] > before[0] and now[1] < before[1]:
+      if now[0] - before[0] > self.min_change and before[1] - now[1] > self.min_change:
         out.append(
           f"ALARM iteration {iteration}: reward hacking? over the last {self.window} iterations the reward "
           f"rose {before[0]:.3f} -> {now[0]:.3f} while the gold score fell {before[1]:.3f} -> {now[1]:.3f}"

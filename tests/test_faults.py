@@ -297,7 +297,7 @@ def test_kill9_loop_full(prepared_dir, tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly_and_lock_refuses_a_second_run(
-  prepared_dir, tmp_path, ci_reference
+  ci_server, prepared_dir, tmp_path, ci_reference
 ):
   """SIGTERM: the step finishes, a checkpoint is written, exit 143 with a clear message, and the restart
   continues exactly. While that run holds the workdir, a second run on it is refused and writes nothing."""

@@ -88,6 +88,10 @@ def test_alarms_for_kl_and_reward_hacking():
   assert al.update(3, 0.5, 0.5, 0.2) == []  # reward 0.05 -> 0.5 ... gold 0.5 -> ...
   out = al.update(4, 0.5, 0.9, 0.1)
   assert len(out) == 1 and "reward hacking" in out[0] and "0.500 -> 0.150" in out[0]
+  # Changes within min_change are noise, not an alarm.
+  quiet = rl.Alarms(kl_alarm=1.0, window=1, min_change=0.05)
+  assert quiet.update(1, 0.0, 0.50, 0.50) == [] and quiet.update(2, 0.0, 0.54, 0.46) == []
+  assert "reward hacking" in quiet.update(3, 0.0, 0.60, 0.40)[0]
   again = rl.Alarms(1.0, 2)
   again.set_state(al.get_state())
   assert again.history == al.history
@@ -214,7 +218,9 @@ def runs(tmp_path_factory):
     root / "sft", tok_dir, "sft", model_dict, sft_params, {"sft": sft_exp.sft_config().to_dict()}
   )
   # The SFT run's demonstrations: PPO-ptx mixes their next-token loss in.
-  tasks.write_jsonl(os.path.join(sft_dir, "data", "train.jsonl"), tasks.task_rows(tasks.make_tasks("train", 64, 0)))
+  tasks.write_jsonl(
+    os.path.join(sft_dir, "data", "train.jsonl"), tasks.task_rows(tasks.make_tasks("train", 64, 0))
+  )
   _, rm_params = model_lib.split(mcfg, 1)
   rm_params[heads.HEAD] = {"w": jax.random.normal(jax.random.key(2), (mcfg.d_model,)), "b": jnp.zeros(())}
   rm_dir = write_run(root / "rm", tok_dir, "rm", model_dict, rm_params)
@@ -264,7 +270,13 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
   )
   np.testing.assert_array_equal(np.asarray(ref["embed"]), np.asarray(full["params"]["policy"]["embed"]))
   want, got = ppo_records(str(tmp_path / "full")), ppo_records(half)
-  assert want[2] == got[2] and set(want[2]) >= {"ppo/reward", "ppo/kl", "ppo/gold", "ppo/explained_variance", "ppo/ptx_loss"}
+  assert want[2] == got[2] and set(want[2]) >= {
+    "ppo/reward",
+    "ppo/kl",
+    "ppo/gold",
+    "ppo/explained_variance",
+    "ppo/ptx_loss",
+  }
   # Iteration 0 evaluates the SFT model; its answers are kept for the report.
   samples = [json.loads(x) for x in open(os.path.join(half, "samples", "iter_00000.jsonl"))]
   assert len(samples) == 8 and {"prompt", "answer", "response", "gold", "reward_raw"} <= set(samples[0])
@@ -308,4 +320,6 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
     ppo.run(ppo_cfg(sft_dir, rm3), str(work))
   with pytest.raises(ConfigError, match=r"ppo.minibatch: 3 must divide ppo.rollout_batch=8"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.minibatch": 3}), str(work))
+  with pytest.raises(ConfigError, match=r"ppo.reward: must be 'rm' .* or 'gold'"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.reward": "oracle"}), str(work))
   assert not os.path.exists(work)  # refused before the workdir was touched

@@ -255,7 +255,7 @@ def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name
     "tokens": int(sum(len(x) for x in chosen) + sum(len(x) for x in rejected)),
   }
   return EncodedPairs(
-    chosen, rejected, np.asarray(margin, np.float32), np.asarray(group, np.int64), where, stats
+    chosen, rejected, np.asarray(margin, np.float32), np.asarray(group, np.int64), where, labels, stats
   )
 
 

@@ -10,7 +10,7 @@ policy trunk with ppo.value_head_on_policy). Each iteration:
   1. rollout   the jitted KV-cache sampler (sampling.py) answers ppo.rollout_batch prompts with the
                policy's current parameters, on the same devices (no weight copy to another engine);
   2. score     one jitted pass computes the log-probs of policy and reference, the critic's values,
-               the reward-model score at each response's last token, the per-token rewards (score
+               the reward-model score at the eos after each response, the per-token rewards (score
                normalized by the RM's statistics, minus a penalty for responses that never end,
                minus kl_coef times the per-token KL to the reference) and the whitened GAE advantages;
   3. update    ppo.epochs passes of minibatch steps of the shared train step (step.py) on the
@@ -19,11 +19,15 @@ policy trunk with ppo.value_head_on_policy). Each iteration:
 
 Held-out prompts are answered greedily at iteration 0 (the SFT model) and every ppo.eval_every
 iterations: eval/gold_accuracy by the tasks' grader and eval/reward_raw by the reward model; the
-answers go to DIR/samples/iter_NNNNN.jsonl. A checkpoint (step = iteration) holds policy, critic,
-optimizer state and RNG, with the KL coefficient, the prompt position and the alarm history in its
-JSON extra, so a resumed run continues exactly as an uninterrupted one.
+answers go to DIR/samples/iter_NNNNN.jsonl. A checkpoint (step = iteration) holds the policy (as
+item "policy": a plain model's params), the critic, the optimizer state and the RNG, with the KL
+coefficient, the prompt position, the ptx loader position and the alarm history in its JSON extra,
+so a resumed run continues exactly as an uninterrupted one. ppo.reward = "gold" trains on the task
+grader's 0/1 score instead of the reward model's (a perfect reward: it separates what PPO can do
+from what the reward model lets it do); the reward model is still scored and logged.
 
-Legend: B rollouts, P padded prompt length, N max new tokens, S = P + N, V vocabulary, D width.
+Legend: B rollouts, P padded prompt length, N max new tokens, S = P + N + 1 (an eos after the
+response, where the reward model reads), V vocabulary, D width.
 """
 
 from __future__ import annotations
@@ -50,7 +54,14 @@ from gpt_jax.stages import rm as rm_stage
 from gpt_jax.stages import sft as sft_stage
 
 # Keys that may change when a PPO workdir is resumed (beyond config.MUTABLE_KEYS).
-PPO_MUTABLE_KEYS = ("ppo.iterations", "ppo.eval_every", "ppo.eval_prompts", "ppo.kl_alarm", "ppo.hack_window")
+PPO_MUTABLE_KEYS = (
+  "ppo.iterations",
+  "ppo.eval_every",
+  "ppo.eval_prompts",
+  "ppo.kl_alarm",
+  "ppo.hack_window",
+  "ppo.hack_min_change",
+)
 ROLLOUT_KEYS = (
   "tokens",
   "positions",
@@ -115,15 +126,17 @@ def make_experience_fn(policy, value, reference, reward, *, P, N, p, score_mean,
       ref_logp_BN = losses.token_logprobs(ref_logits, response_BN)
       rm_rows = {"inputs": rows["tokens"], **{k: rows[k] for k in ("positions", "segment_ids", "end_index")}}
       score_B = rm_stage.rewards_from_batch(reward, rm_params, rm_rows)
+      # ppo.reward "gold": the task grader's 0/1 score replaces the reward model's (kept for the metrics).
+      gold = p.reward == "gold"
       rewards_BN, kl_BN, normalized_B = rl.assemble_rewards(
-        score_B,
+        rows["gold"] if gold else score_B,
         logp_BN,
         ref_logp_BN,
         mask_BN,
         rows["ended"],
         kl_coef=kl_coef,
-        score_mean=score_mean,
-        score_std=score_std,
+        score_mean=0.0 if gold else score_mean,
+        score_std=1.0 if gold else score_std,
         no_eos_penalty=float(p.no_eos_penalty),
       )
       values_BN = values_BN * mask_BN
@@ -333,9 +346,8 @@ class _Run:
       )
       for greedy in (False, True)
     }
-    self.prompt_arrays = sampling.pad_prompts([q.ids for q in train_prompts], self.tok.pad_id, P)
     self.order = rl.PromptOrder(len(train_prompts), self.seed)
-    self.alarms = rl.Alarms(float(p.kl_alarm), int(p.hack_window))
+    self.alarms = rl.Alarms(float(p.kl_alarm), int(p.hack_window), float(p.hack_min_change))
     self.ptx = None
     if ptx_enc is not None:
       self.ptx = sft_data.SftLoader(
@@ -370,7 +382,12 @@ class _Run:
       head = heads.init_head(self.policy.cfg.d_model)
       init["policy"][heads.HEAD] = jax.device_put(head, self.policy.shardings[heads.HEAD])
     else:
-      init["value"] = copy(self.rm_params)
+      # The critic starts as the reward model rescaled to the normalized score that the rewards use
+      # ((r - mean) / std), so its first values are on the scale of the returns.
+      value = copy(self.rm_params)
+      head, std = value[heads.HEAD], self.src.score_std
+      value[heads.HEAD] = {"w": head["w"] / std, "b": (head["b"] - self.src.score_mean) / std}
+      init["value"] = value
     self.state = jax.jit(
       lambda q: step_lib.init_state(q, self.optimizer, self.seed),
       out_shardings=self.state_sh,
@@ -399,23 +416,32 @@ class _Run:
   def _trunk(self):
     return heads.split_head(self.state["params"]["policy"])[0]
 
-  def rollout(self, tokens_BP, lengths_B, key, greedy: bool):
-    """Samples and scores; returns (host rows, host SampleOutput, host experience, generate s, score s)."""
+  def rollout(self, prompts, key, greedy: bool):
+    """Samples answers to `prompts` (B of them) and scores them.
+
+    Returns (host rows, host SampleOutput, reply texts, gold scores (nan: no answer), host experience,
+    generate s, score s)."""
+    tokens_BP, lengths_B = sampling.pad_prompts([q.ids for q in prompts], self.tok.pad_id, self.P)
     t0 = time.perf_counter()
     out = jax.device_get(self.samplers[greedy](self._trunk(), tokens_BP, lengths_B, key))
     t1 = time.perf_counter()
+    texts = [
+      _response_text(self.tok, out.tokens[i], int(out.lengths[i]), self.eot) for i in range(len(prompts))
+    ]
+    golds = np.array(
+      [np.nan if q.answer is None else tasks_lib.grade_text(q.answer, x) for q, x in zip(prompts, texts)],
+      np.float32,
+    )
     mask = np.asarray(out.response_mask, np.float32)
     rows = rl.rollout_layout(tokens_BP, lengths_B, out.tokens, mask, self.tok.eos_id)
     rows["response_mask"] = mask
     rows["ended"] = ((out.tokens == self.eot) & (mask > 0)).any(axis=1).astype(np.float32)
+    rows["gold"] = np.nan_to_num(golds)
     dev = _to_device(rows, lambda nd: sharding.batch_sharding(self.mesh, nd))
     exp = jax.device_get(
       self.experience(self.state["params"], self.ref_params, self.rm_params, dev, jnp.float32(self.kl_coef))
     )
-    return rows, out, exp, t1 - t0, time.perf_counter() - t1
-
-  def _texts(self, out, n: int) -> list[str]:
-    return [_response_text(self.tok, out.tokens[i], int(out.lengths[i]), self.eot) for i in range(n)]
+    return rows, out, texts, golds, exp, t1 - t0, time.perf_counter() - t1
 
   def evaluate(self, iteration: int, writer) -> dict:
     """Greedy answers to the held-out prompts: gold accuracy, reward-model score; the samples file."""
@@ -424,11 +450,10 @@ class _Run:
     records = []
     for lo in range(0, len(self.eval_prompts), self.B):
       chunk = self.eval_prompts[lo : lo + self.B]
-      ids = [q.ids for q in chunk] + [chunk[0].ids] * (self.B - len(chunk))  # one shape: one compile
-      tokens_BP, lengths_B = sampling.pad_prompts(ids, self.tok.pad_id, self.P)
-      _, out, exp, _, _ = self.rollout(tokens_BP, lengths_B, jax.random.key(0), greedy=True)
-      for q, text, score, n in zip(chunk, self._texts(out, len(chunk)), exp["score"], out.lengths):
-        gold = None if q.answer is None else tasks_lib.grade_text(q.answer, text)
+      full = chunk + [chunk[0]] * (self.B - len(chunk))  # one shape: one compile
+      _, out, texts, golds, exp, _, _ = self.rollout(full, jax.random.key(0), greedy=True)
+      for q, text, g, score, n in zip(chunk, texts, golds, exp["score"], out.lengths):
+        gold = None if q.answer is None else float(g)
         records.append(
           dict(
             prompt=q.text,
@@ -464,15 +489,12 @@ class _Run:
     """Rollout, score, update, KL controller; returns the iteration's metrics (host floats)."""
     p = self.p
     idx = self.order.take(self.B)
-    tokens_BP, lengths_B = self.prompt_arrays[0][idx], self.prompt_arrays[1][idx]
     # The rollout key of iteration i is fold_in(state.rng, i): a resumed run samples what the first would have.
     key = jax.random.fold_in(jax.random.wrap_key_data(self.state["rng"]), it)
-    rows, out, exp, gen_s, score_s = self.rollout(tokens_BP, lengths_B, key, greedy=False)
-    golds = [
-      tasks_lib.grade_text(self.train_prompts[i].answer, text)
-      for i, text in zip(idx, self._texts(out, self.B))
-      if self.train_prompts[i].answer is not None
-    ]
+    rows, out, _, golds, exp, gen_s, score_s = self.rollout(
+      [self.train_prompts[i] for i in idx], key, greedy=False
+    )
+    golds = golds[np.isfinite(golds)]
     host = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "response_mask")}
     host.update(
       old_logp=exp["logp"], old_values=exp["values"], advantages=exp["advantages"], returns=exp["returns"]
@@ -509,7 +531,8 @@ class _Run:
       if k not in ("finite", "weight")
     }
     m.update(
-      reward=float(np.mean(exp["normalized"])),
+      # The reward model's normalized score (whatever ppo.reward trains on): what the alarms watch.
+      reward=float(np.mean((exp["score"] - self.src.score_mean) / self.src.score_std)),
       reward_raw=float(np.mean(exp["score"])),
       reward_total=float(np.mean(exp["rewards"].sum(axis=1))),
       kl=kl_per_response,
@@ -524,7 +547,7 @@ class _Run:
       score_s=score_s,
       update_s=update_s,
     )
-    if golds:
+    if golds.size:
       m["gold"] = float(np.mean(golds))
     if p.adaptive_kl:
       self.kl_coef = losses.adaptive_kl_coef(

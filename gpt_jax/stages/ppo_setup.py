@@ -70,6 +70,8 @@ def validate(cfg) -> ModelConfig:
   for key in ("eval_prompts", "task_train", "ptx_batch", "ptx_seq_len"):
     if int(p[key]) < 0:
       raise ConfigError(f"ppo.{key}: must be >= 0, got {p[key]}")
+  if float(p.hack_min_change) < 0:
+    raise ConfigError(f"ppo.hack_min_change: must be >= 0, got {p.hack_min_change}")
   for key in ("clip", "value_clip", "target_kl", "kl_alarm"):
     if not float(p[key]) > 0:
       raise ConfigError(f"ppo.{key}: must be > 0, got {p[key]}")
@@ -82,6 +84,10 @@ def validate(cfg) -> ModelConfig:
   if not float(p.temperature) > 0:
     raise ConfigError(
       f"ppo.temperature: must be > 0 (PPO needs a sampling distribution), got {p.temperature}"
+    )
+  if p.reward not in ("rm", "gold"):
+    raise ConfigError(
+      f"ppo.reward: must be 'rm' (the reward model) or 'gold' (the task grader), got {p.reward!r}"
     )
   if int(p.rollout_batch) % int(p.minibatch):
     raise ConfigError(f"ppo.minibatch: {p.minibatch} must divide ppo.rollout_batch={p.rollout_batch}")
@@ -262,6 +268,10 @@ def load_prompts(cfg, src: Sources) -> tuple[list[Prompt], list[Prompt]]:
     train = _from_tasks(
       tasks_lib.make_tasks("train", int(p.task_train), int(p.task_seed), src.task_spec), tok
     )
+  if p.reward == "gold":
+    missing = [i for i, q in enumerate(train) if q.answer is None]
+    if missing:
+      raise DataError(f"ppo.reward: 'gold' needs an answer for every prompt; prompt {missing[0]} has none")
   if p.eval_path:
     held = read_prompts(p.eval_path, tok)[: int(p.eval_prompts)]
   elif int(p.eval_prompts):
