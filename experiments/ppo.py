@@ -118,7 +118,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     del cfg.train[key]
   cfg.train.update(dict(checkpoint_every=10, log_every=1))
   # No weight decay (it would pull the policy toward zero, not toward the reference) and a constant rate.
-  cfg.optim.update(dict(lr_peak=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, b2=0.99))
+  cfg.optim.update(dict(lr_peak=3e-5, warmup_steps=5, schedule="constant", weight_decay=0.0, b2=0.99))
   cfg.optim.update(optim)
   cfg.ppo = ppo_config(**ppo)
   return cfg

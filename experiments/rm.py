@@ -17,17 +17,18 @@ import ml_collections
 from gpt_jax import config as config_lib
 
 # preset -> (pretraining preset, train overrides, optim overrides, rm overrides)
+# tiny: the embedded pairs render to at most 41 tokens, so seq_len 48 drops none.
 _PRESETS = {
   "tiny": (
     "tiny",
-    dict(steps=150, global_batch=32, seq_len=64, eval_every=50, checkpoint_every=50, eval_batches=64),
-    dict(lr_peak=3e-4, warmup_steps=10, weight_decay=0.0),
+    dict(steps=150, global_batch=32, seq_len=48, eval_every=50, checkpoint_every=50, eval_batches=64),
+    dict(lr_peak=1e-3, warmup_steps=10, weight_decay=0.0),
     dict(),
   ),
   "tiny_gpt2": (
     "tiny_gpt2",
-    dict(steps=150, global_batch=32, seq_len=64, eval_every=50, checkpoint_every=50, eval_batches=64),
-    dict(lr_peak=3e-4, warmup_steps=10, weight_decay=0.0),
+    dict(steps=150, global_batch=32, seq_len=48, eval_every=50, checkpoint_every=50, eval_batches=64),
+    dict(lr_peak=1e-3, warmup_steps=10, weight_decay=0.0),
     dict(),
   ),
   # One epoch over ~100k pairs at a low rate: reward models overfit after one epoch (InstructGPT).

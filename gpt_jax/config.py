@@ -103,7 +103,10 @@ def load(spec: str, overrides: list[str] | dict | None = None) -> ml_collections
   mod_spec = importlib.util.spec_from_file_location(f"_gpt_jax_cfg_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg else module.get_config()
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except (ValueError, KeyError) as e:  # e.g. an unknown preset name
+    raise ConfigError(f"--config: {e}") from None
   cfg = ml_collections.ConfigDict(cfg)
   cfg.lock()
   apply_overrides(cfg, overrides or {})

@@ -4,9 +4,10 @@ full, restore onto other meshes, changed configs on resume, and two runs on one 
 Each case asserts the outcome: the resumed run equals an uninterrupted one bit for bit, the bad checkpoint
 is skipped with a warning, the error names the step, the previous checkpoint is intact, ...
 
-Runs that must die (kill -9, SIGTERM, the lock holder) are subprocesses of tests/fault_worker.py (the CLI
-with progress markers on stdout); everything else runs in-process. `pytest --runslow` runs the long kill
-loop (60 kills on 8 devices) instead of the CI one (20 kills on 2 devices).
+Runs that must die (kill -9, SIGTERM, the lock holder) are real CLI runs in their own processes, forked by a
+`tests/fault_worker.py --serve` process that paid the imports once, with progress markers on stdout to
+kill them at chosen points; everything else runs in-process. `pytest --runslow` adds the long kill loop
+(60 kills over 30 steps on 8 devices) to the CI one (20 kills over 10 steps on 2 devices).
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def ppo_cfg(sft_dir, rm_dir, **over):
     "ppo.eval_prompts": 8,
     "ppo.eval_every": 2,
     "optim.warmup_steps": 1,
-    "train.checkpoint_every": 1,
+    "train.checkpoint_every": 2,
     "train.async_checkpoint": False,
     "train.progress_bar": False,
     "metrics.tensorboard": False,

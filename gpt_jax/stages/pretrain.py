@@ -11,6 +11,7 @@ from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import distributed, losses, sharding, trainer
 from gpt_jax import model as model_lib
+from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig
 
 
@@ -31,6 +32,11 @@ def validate(cfg) -> ModelConfig:
   model_cfg = ModelConfig.from_config(cfg.model)
   config_lib.validate_train(cfg, jax.device_count())
   distributed.check_train(cfg)
+  if cfg.train.init_from:
+    raise ConfigError(
+        f"train.init_from: pretraining starts from random weights, got {cfg.train.init_from!r} "
+        "(finetune a checkpoint with the sft stage instead)"
+    )
   return model_cfg
 
 
