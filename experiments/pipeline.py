@@ -18,7 +18,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # preset -> the preset of each stage's experiment file
 _PRESETS = {
-    "demo": dict(pretrain="tiny", sft="tiny", rm="tiny", ppo="tiny"),
+  "demo": dict(pretrain="tiny", sft="tiny", rm="tiny", ppo="tiny"),
 }
 
 

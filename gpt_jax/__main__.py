@@ -54,8 +54,11 @@ def _ppo(cfg, workdir, args):
   ppo.run(cfg, workdir)
 
 
-@command("pipeline", "the whole recipe: pretrain, sft, rm, ppo, and the report",
-         args=[("--force", dict(action="store_true", help="accept a workdir made by a different config"))])
+@command(
+  "pipeline",
+  "the whole recipe: pretrain, sft, rm, ppo, and the report",
+  args=[("--force", dict(action="store_true", help="accept a workdir made by a different config"))],
+)
 def _pipeline(cfg, workdir, args):
   from gpt_jax.stages import pipeline
 
@@ -65,45 +68,72 @@ def _pipeline(cfg, workdir, args):
 
 
 _SAMPLE_ARGS = [
-    ("--prompt", dict(default=None, help="answer this once and exit (default: interactive)")),
-    ("--system", dict(default="", help="system message for finetuned models")),
-    ("--temperature", dict(type=float, default=0.8)),
-    ("--top_k", dict(type=int, default=0)),
-    ("--top_p", dict(type=float, default=0.95)),
-    ("--max_new_tokens", dict(type=int, default=64)),
-    ("--seed", dict(type=int, default=0)),
+  ("--prompt", dict(default=None, help="answer this once and exit (default: interactive)")),
+  ("--system", dict(default="", help="system message for finetuned models")),
+  ("--temperature", dict(type=float, default=0.8)),
+  ("--top_k", dict(type=int, default=0)),
+  ("--top_p", dict(type=float, default=0.95)),
+  ("--max_new_tokens", dict(type=int, default=64)),
+  ("--seed", dict(type=int, default=0)),
 ]
 
 
-@command("chat", "talk to a checkpoint (base models continue text; finetuned ones answer)", config=False,
-         args=_SAMPLE_ARGS)
+@command(
+  "chat",
+  "talk to a checkpoint (base models continue text; finetuned ones answer)",
+  config=False,
+  args=_SAMPLE_ARGS,
+)
 def _chat(cfg, workdir, args):
   from gpt_jax import chat
 
-  chat.run(workdir, prompt=args.prompt, system=args.system, temperature=args.temperature, top_k=args.top_k,
-           top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+  chat.run(
+    workdir,
+    prompt=args.prompt,
+    system=args.system,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    max_new_tokens=args.max_new_tokens,
+    seed=args.seed,
+  )
 
 
-@command("score", "print the reward of prompt/response pairs from a reward-model workdir", config=False,
-         args=[("--prompt", dict(default=None)), ("--response", dict(default=None)),
-               ("--pairs_file", dict(default=None, help="JSONL of {prompt, response}"))])
+@command(
+  "score",
+  "print the reward of prompt/response pairs from a reward-model workdir",
+  config=False,
+  args=[
+    ("--prompt", dict(default=None)),
+    ("--response", dict(default=None)),
+    ("--pairs_file", dict(default=None, help="JSONL of {prompt, response}")),
+  ],
+)
 def _score(cfg, workdir, args):
   from gpt_jax.stages import rm
 
   rm.score_cli(workdir, prompt=args.prompt, response=args.response, pairs_file=args.pairs_file)
 
 
-@command("import-hf", "turn a Hugging Face GPT-2 / LLaMA model directory into a gpt_jax checkpoint",
-         config=False, workdir=False,
-         args=[("--hf_dir", dict(required=True)), ("--out", dict(required=True))])
+@command(
+  "import-hf",
+  "turn a Hugging Face GPT-2 / LLaMA model directory into a gpt_jax checkpoint",
+  config=False,
+  workdir=False,
+  args=[("--hf_dir", dict(required=True)), ("--out", dict(required=True))],
+)
 def _import_hf(cfg, workdir, args):
   from gpt_jax.interop import cli
 
   cli.cmd_import(hf_dir=args.hf_dir, out_dir=args.out)
 
 
-@command("export-hf", "write a gpt_jax checkpoint as a Hugging Face model directory", config=False,
-         args=[("--out", dict(required=True))])
+@command(
+  "export-hf",
+  "write a gpt_jax checkpoint as a Hugging Face model directory",
+  config=False,
+  args=[("--out", dict(required=True))],
+)
 def _export_hf(cfg, workdir, args):
   from gpt_jax.interop import cli
 
@@ -150,7 +180,7 @@ def parse(argv: list[str]):
   for item in rest:
     if not item.startswith("--config.") or "=" not in item:
       raise _ArgError(f"unrecognized argument {item!r} (overrides look like --config.train.steps=10)")
-    overrides.append(item[len("--config."):])
+    overrides.append(item[len("--config.") :])
   cfg = config_lib.load(args.config, overrides) if getattr(args, "config", None) else None
   return name, args, cfg
 

@@ -17,36 +17,49 @@ def _stream_reply(loaded, ids, sample_cfg, seed, out) -> str:
   stop = inference.stop_id(loaded)
   reply: list[int] = []
   shown = ""
-  for t in sampling.stream(loaded.params, loaded.graphdef, loaded.cfg, ids, eos_id=stop,
-                           sample_cfg=sample_cfg, seed=seed):
+  for t in sampling.stream(
+    loaded.params, loaded.graphdef, loaded.cfg, ids, eos_id=stop, sample_cfg=sample_cfg, seed=seed
+  ):
     if t in (stop, tok.eos_id):
       break
     reply.append(t)
     text = tok.decode(reply)
     if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      out.write(text[len(shown):])
+      out.write(text[len(shown) :])
       out.flush()
       shown = text
-  out.write(tok.decode(reply)[len(shown):] + "\n")
+  out.write(tok.decode(reply)[len(shown) :] + "\n")
   out.flush()
   return tok.decode(reply)
 
 
-def run(workdir: str, *, prompt: str | None = None, system: str = "", temperature: float = 0.8,
-        top_k: int = 0, top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
-        stdin=None, out=None) -> list[str]:
+def run(
+  workdir: str,
+  *,
+  prompt: str | None = None,
+  system: str = "",
+  temperature: float = 0.8,
+  top_k: int = 0,
+  top_p: float = 0.95,
+  max_new_tokens: int = 64,
+  seed: int = 0,
+  stdin=None,
+  out=None,
+) -> list[str]:
   """Interactive chat (or one reply with `prompt`); returns the replies."""
   stdin = stdin or sys.stdin
   out = out or sys.stdout
   loaded = inference.load(workdir)
   kind = "assistant" if loaded.is_chat else "base model: continues your text"
-  sample_cfg = sampling.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p).validate()
+  sample_cfg = sampling.SampleConfig(
+    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+  ).validate()
   messages = [{"role": "system", "content": system}] if system else []
   replies = []
   if prompt is None:
-    out.write(f"[{loaded.stage} model from {loaded.workdir}; {kind}. /reset clears the conversation, "
-              "Ctrl-D quits]\n")
+    out.write(
+      f"[{loaded.stage} model from {loaded.workdir}; {kind}. /reset clears the conversation, Ctrl-D quits]\n"
+    )
   turn = 0
   while True:
     if prompt is not None:

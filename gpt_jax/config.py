@@ -15,28 +15,28 @@ from gpt_jax.errors import ConfigError
 
 # Keys that may differ when a workdir is resumed; every other key must match the saved config.
 MUTABLE_KEYS = (
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.async_checkpoint",
-    "train.nonfinite",
-    "train.progress_bar",
-    "optim.decay_steps",
-    "optim.lr_end_ratio",
-    "metrics.",
-    "mesh.",
-    "model.scan_layers",
-    "model.remat_policy",
-    "model.attention_impl",
-    "data.num_workers",
-    "data.progress",
-    "data.verify_hash",
-    "sft.eval_samples",
-    "sft.max_new_tokens",
-    "sft.sample_batch",
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.eval_batches",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoint",
+  "train.nonfinite",
+  "train.progress_bar",
+  "optim.decay_steps",
+  "optim.lr_end_ratio",
+  "metrics.",
+  "mesh.",
+  "model.scan_layers",
+  "model.remat_policy",
+  "model.attention_impl",
+  "data.num_workers",
+  "data.progress",
+  "data.verify_hash",
+  "sft.eval_samples",
+  "sft.max_new_tokens",
+  "sft.sample_batch",
 )
 
 
@@ -45,36 +45,36 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.train = ml_collections.ConfigDict(
-      dict(
-          steps=100,
-          global_batch=16,
-          seq_len=256,
-          grad_accum=1,
-          seed=0,
-          nonfinite="stop",  # stop | skip: what to do on a non-finite loss or gradient
-          log_every=10,
-          eval_every=50,
-          eval_batches=4,
-          checkpoint_every=50,
-          keep_checkpoints=3,
-          async_checkpoint=True,
-          progress_bar=True,
-          init_from="",  # a checkpoint (workdir, or imported Hugging Face dir) to start from
-      )
+    dict(
+      steps=100,
+      global_batch=16,
+      seq_len=256,
+      grad_accum=1,
+      seed=0,
+      nonfinite="stop",  # stop | skip: what to do on a non-finite loss or gradient
+      log_every=10,
+      eval_every=50,
+      eval_batches=4,
+      checkpoint_every=50,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      progress_bar=True,
+      init_from="",  # a checkpoint (workdir, or imported Hugging Face dir) to start from
+    )
   )
   c.optim = ml_collections.ConfigDict(
-      dict(
-          lr_peak=1e-3,
-          lr_end_ratio=0.1,
-          warmup_steps=10,
-          decay_steps=0,  # 0: decay over train.steps
-          schedule="cosine",  # cosine | constant
-          weight_decay=0.1,
-          b1=0.9,
-          b2=0.95,
-          eps=1e-8,
-          grad_clip_norm=1.0,
-      )
+    dict(
+      lr_peak=1e-3,
+      lr_end_ratio=0.1,
+      warmup_steps=10,
+      decay_steps=0,  # 0: decay over train.steps
+      schedule="cosine",  # cosine | constant
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+    )
   )
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, peak_flops=0.0))
@@ -162,7 +162,9 @@ def to_dict(cfg) -> dict:
 def config_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   """(key, saved value, current value) for every flattened key that differs."""
   a, b = flatten(saved), flatten(current)
-  return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [
+    (k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+  ]
 
 
 def check_resume(saved: dict, current: dict, what: str = "workdir") -> list[str]:
@@ -173,9 +175,9 @@ def check_resume(saved: dict, current: dict, what: str = "workdir") -> list[str]
   refused = [f"{k} ({old!r} -> {new!r})" for k, old, new in diffs if not mutable(k)]
   if refused:
     raise ConfigError(
-        f"{what} was made with a different config; these keys may not change on resume: "
-        + "; ".join(refused)
-        + " (use a new --workdir, or restore the old values)"
+      f"{what} was made with a different config; these keys may not change on resume: "
+      + "; ".join(refused)
+      + " (use a new --workdir, or restore the old values)"
     )
   return [k for k, _, _ in diffs]
 
@@ -191,10 +193,12 @@ def validate_train(cfg, n_devices: int) -> None:
     raise ConfigError(f"train.seq_len: must be positive, got {t.seq_len}")
   if t.seq_len > m.max_seq_len:
     raise ConfigError(
-        f"train.seq_len: {t.seq_len} is longer than the model's position table (model.max_seq_len={m.max_seq_len})"
+      f"train.seq_len: {t.seq_len} is longer than the model's position table (model.max_seq_len={m.max_seq_len})"
     )
   if t.grad_accum <= 0 or t.global_batch % t.grad_accum:
-    raise ConfigError(f"train.grad_accum: {t.grad_accum} must be positive and divide train.global_batch={t.global_batch}")
+    raise ConfigError(
+      f"train.grad_accum: {t.grad_accum} must be positive and divide train.global_batch={t.global_batch}"
+    )
   sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if -1 not in sizes.values() and fixed != n_devices:
@@ -202,13 +206,13 @@ def validate_train(cfg, n_devices: int) -> None:
   if -1 in sizes.values() and (fixed <= 0 or n_devices % fixed):
     raise ConfigError(f"mesh: {n_devices} devices cannot be split into {sizes}")
   batch_shards = (sizes["data"] if sizes["data"] != -1 else n_devices // fixed) * (
-      sizes["fsdp"] if sizes["fsdp"] != -1 else n_devices // fixed
+    sizes["fsdp"] if sizes["fsdp"] != -1 else n_devices // fixed
   )
   micro = t.global_batch // t.grad_accum
   if micro % batch_shards:
     raise ConfigError(
-        f"train.global_batch: {t.global_batch} (/{t.grad_accum} microbatches = {micro}) is not divisible by the "
-        f"{batch_shards} data-parallel shards (mesh.data*mesh.fsdp)"
+      f"train.global_batch: {t.global_batch} (/{t.grad_accum} microbatches = {micro}) is not divisible by the "
+      f"{batch_shards} data-parallel shards (mesh.data*mesh.fsdp)"
     )
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")

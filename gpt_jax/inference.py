@@ -37,7 +37,9 @@ def _workdir_of(path: str) -> str:
   for cand in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
     if os.path.exists(os.path.join(cand, "config.json")):
       return cand
-  raise CheckpointError(f"{path}: no config.json here or above it (expected a stage workdir or a checkpoint in one)")
+  raise CheckpointError(
+    f"{path}: no config.json here or above it (expected a stage workdir or a checkpoint in one)"
+  )
 
 
 def _read_config(workdir: str) -> dict:
@@ -85,11 +87,17 @@ def prompt_ids(loaded: Loaded, messages_or_text) -> list[int]:
   """Token ids to sample from: the chat template for finetuned models, bos + text for a base model."""
   tok = loaded.tokenizer
   if loaded.is_chat:
-    messages = messages_or_text if isinstance(messages_or_text, list) else [
-        {"role": "user", "content": str(messages_or_text)}]
+    messages = (
+      messages_or_text
+      if isinstance(messages_or_text, list)
+      else [{"role": "user", "content": str(messages_or_text)}]
+    )
     return tok.render_chat(messages, add_generation_prompt=True)[0]
-  text = messages_or_text if isinstance(messages_or_text, str) else "\n".join(
-      m["content"] for m in messages_or_text)
+  text = (
+    messages_or_text
+    if isinstance(messages_or_text, str)
+    else "\n".join(m["content"] for m in messages_or_text)
+  )
   return [tok.bos_id, *tok.encode(text)]
 
 
@@ -105,6 +113,15 @@ def answer(loaded: Loaded, prompts: list, *, sample_cfg=None, seed: int = 0) -> 
   sample_cfg = sample_cfg or sampling.SampleConfig(max_new_tokens=32, greedy=True)
   ids = [prompt_ids(loaded, p) for p in prompts]
   stop = stop_id(loaded)
-  outs = sampling.generate(loaded.params, loaded.graphdef, loaded.cfg, ids, eos_id=stop,
-                           pad_id=loaded.tokenizer.pad_id, sample_cfg=sample_cfg, seed=seed, mesh=loaded.mesh)
+  outs = sampling.generate(
+    loaded.params,
+    loaded.graphdef,
+    loaded.cfg,
+    ids,
+    eos_id=stop,
+    pad_id=loaded.tokenizer.pad_id,
+    sample_cfg=sample_cfg,
+    seed=seed,
+    mesh=loaded.mesh,
+  )
   return [loaded.tokenizer.decode([t for t in o if t not in (stop, loaded.tokenizer.eos_id)]) for o in outs]

@@ -37,8 +37,9 @@ def next_token_xent(logits_BTV, targets_BT, loss_mask_BT, z_loss: float = 0.0):
   return loss_sum, jnp.sum(mask), aux
 
 
-def chunked_next_token_xent(hidden_BTD, head_DV, targets_BT, loss_mask_BT, z_loss: float = 0.0, *,
-                            chunk_len: int = 128):
+def chunked_next_token_xent(
+  hidden_BTD, head_DV, targets_BT, loss_mask_BT, z_loss: float = 0.0, *, chunk_len: int = 128
+):
   """next_token_xent computed from the final hidden states without ever holding the logits of the
   whole batch: the output head runs on `chunk_len` time steps at a time inside a rematerialized scan,
   so forward and backward keep only one (B, chunk_len, V) block of logits alive (GPT-2's V=50,257 at
@@ -74,7 +75,7 @@ def chunked_next_token_xent(hidden_BTD, head_DV, targets_BT, loss_mask_BT, z_los
 
   zero = jnp.zeros((), jnp.float32)
   (nll_sum, zsq_sum), _ = jax.lax.scan(
-      body, (zero, zero), (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(mask_BT))
+    body, (zero, zero), (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(mask_BT))
   )
   loss_sum = nll_sum
   aux = {"nll_sum": nll_sum}
@@ -102,10 +103,10 @@ def bradley_terry(r_chosen_B, r_rejected_B, pair_mask_B=None, *, margin_B=None, 
   if center_coef:
     per_pair = per_pair + center_coef * jnp.square(rc + rr)
   aux = {
-      "accuracy_sum": jnp.sum((diff > 0).astype(jnp.float32) * mask),
-      "margin_sum": jnp.sum(diff * mask),
-      "reward_sum": jnp.sum(0.5 * (rc + rr) * mask),
-      "reward_sq_sum": jnp.sum(0.5 * (rc * rc + rr * rr) * mask),
+    "accuracy_sum": jnp.sum((diff > 0).astype(jnp.float32) * mask),
+    "margin_sum": jnp.sum(diff * mask),
+    "reward_sum": jnp.sum(0.5 * (rc + rr) * mask),
+    "reward_sq_sum": jnp.sum(0.5 * (rc * rc + rr * rr) * mask),
   }
   return jnp.sum(per_pair * mask), jnp.sum(mask), aux
 
@@ -157,8 +158,8 @@ def ppo_policy_loss(logp_BN, old_logp_BN, advantages_BN, mask_BN, clip: float):
   clipped = -advantages_BN * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
   per_token = jnp.maximum(unclipped, clipped)
   aux = {
-      "policy_clipfrac_sum": jnp.sum((clipped > unclipped).astype(jnp.float32) * mask),
-      "approx_kl_sum": jnp.sum(0.5 * jnp.square(logp_BN - old_logp_BN) * mask),
+    "policy_clipfrac_sum": jnp.sum((clipped > unclipped).astype(jnp.float32) * mask),
+    "approx_kl_sum": jnp.sum(0.5 * jnp.square(logp_BN - old_logp_BN) * mask),
   }
   return jnp.sum(per_token * mask), jnp.sum(mask), aux
 

@@ -16,17 +16,20 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   warmup = int(optim_cfg.warmup_steps)
   if optim_cfg.schedule == "constant":
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim_cfg.lr_peak, max(warmup, 1)), optax.constant_schedule(optim_cfg.lr_peak)],
-        [warmup],
+      [
+        optax.linear_schedule(0.0, optim_cfg.lr_peak, max(warmup, 1)),
+        optax.constant_schedule(optim_cfg.lr_peak),
+      ],
+      [warmup],
     )
   if warmup >= decay_steps:
     raise ConfigError(f"optim.warmup_steps: {warmup} must be smaller than the decay steps ({decay_steps})")
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=float(optim_cfg.lr_peak),
-      warmup_steps=warmup,
-      decay_steps=decay_steps,
-      end_value=float(optim_cfg.lr_peak) * float(optim_cfg.lr_end_ratio),
+    init_value=0.0,
+    peak_value=float(optim_cfg.lr_peak),
+    warmup_steps=warmup,
+    decay_steps=decay_steps,
+    end_value=float(optim_cfg.lr_peak) * float(optim_cfg.lr_end_ratio),
   )
 
 
@@ -40,9 +43,7 @@ def decay_mask(axes):
     ax = tuple(a for a in (ax or ()) if a != "layers")
     return len(ax) >= 2
 
-  return jax.tree_util.tree_map_with_path(
-      want, axes, is_leaf=lambda a: isinstance(a, tuple) or a is None
-  )
+  return jax.tree_util.tree_map_with_path(want, axes, is_leaf=lambda a: isinstance(a, tuple) or a is None)
 
 
 def make(optim_cfg, total_steps: int, params_axes) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -52,13 +53,13 @@ def make(optim_cfg, total_steps: int, params_axes) -> tuple[optax.GradientTransf
   if optim_cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)))
   chain.append(
-      optax.adamw(
-          learning_rate=lr,
-          b1=float(optim_cfg.b1),
-          b2=float(optim_cfg.b2),
-          eps=float(optim_cfg.eps),
-          weight_decay=float(optim_cfg.weight_decay),
-          mask=decay_mask(params_axes),
-      )
+    optax.adamw(
+      learning_rate=lr,
+      b1=float(optim_cfg.b1),
+      b2=float(optim_cfg.b2),
+      eps=float(optim_cfg.eps),
+      weight_decay=float(optim_cfg.weight_decay),
+      mask=decay_mask(params_axes),
+    )
   )
   return optax.chain(*chain), lr

@@ -18,13 +18,30 @@ from gpt_jax import metrics as metrics_lib
 STAGES = ("pretrain", "sft", "rm", "ppo")
 # (file name, title, [(stage, metric key substring, label)])
 PLOTS = (
-    ("pretrain_loss.png", "Pretraining loss", [("pretrain", "train/loss", "train"), ("pretrain", "eval/loss", "eval")]),
-    ("sft.png", "SFT: loss and held-out accuracy",
-     [("sft", "train/loss", "train loss"), ("sft", "eval/loss", "eval loss"), ("sft", "eval/accuracy", "accuracy")]),
-    ("rm.png", "Reward model: held-out pairwise accuracy and loss",
-     [("rm", "eval/accuracy", "pairwise accuracy"), ("rm", "train/loss", "train loss")]),
-    ("ppo.png", "PPO: reward, gold accuracy, KL to the reference",
-     [("ppo", "reward", "reward"), ("ppo", "gold", "gold accuracy"), ("ppo", "kl", "KL")]),
+  (
+    "pretrain_loss.png",
+    "Pretraining loss",
+    [("pretrain", "train/loss", "train"), ("pretrain", "eval/loss", "eval")],
+  ),
+  (
+    "sft.png",
+    "SFT: loss and held-out accuracy",
+    [
+      ("sft", "train/loss", "train loss"),
+      ("sft", "eval/loss", "eval loss"),
+      ("sft", "eval/accuracy", "accuracy"),
+    ],
+  ),
+  (
+    "rm.png",
+    "Reward model: held-out pairwise accuracy and loss",
+    [("rm", "eval/accuracy", "pairwise accuracy"), ("rm", "train/loss", "train loss")],
+  ),
+  (
+    "ppo.png",
+    "PPO: reward, gold accuracy, KL to the reference",
+    [("ppo", "reward", "reward"), ("ppo", "gold", "gold accuracy"), ("ppo", "kl", "KL")],
+  ),
 )
 
 
@@ -46,7 +63,11 @@ def _series(workdir: str, key: str) -> dict[str, list[tuple[int, float]]]:
     for k, v in rec.items():
       if k in ("step", "time") or not isinstance(v, (int, float)):
         continue
-      if key == k or (key in k and "/" in key and k.startswith(key)) or ("/" not in key and key in k.split("/")[-1]):
+      if (
+        key == k
+        or (key in k and "/" in key and k.startswith(key))
+        or ("/" not in key and key in k.split("/")[-1])
+      ):
         out.setdefault(k, {})[int(rec["step"])] = float(v)
   return {k: sorted(v.items()) for k, v in out.items()}
 
@@ -67,7 +88,9 @@ def plot(workdir: str, out_dir: str) -> list[tuple[str, str]]:
         if len(pts) < 1 or name.startswith("data/"):
           continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=f"{label} ({name})" if name != key else label)
+        ax.plot(
+          xs, ys, marker="." if len(xs) < 30 else None, label=f"{label} ({name})" if name != key else label
+        )
         drawn += 1
     if drawn:
       ax.set_title(title)
@@ -129,24 +152,43 @@ def compare_answers(workdir: str, cfg=None, n: int = 8) -> list[dict]:
 def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
   """Writes workdir/report.md and workdir/report_*.png; returns the report's path."""
   out_dir = workdir
-  parts = [f"# gpt_jax pipeline report\n\nWorkdir `{workdir}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n"]
+  parts = [
+    f"# gpt_jax pipeline report\n\nWorkdir `{workdir}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n"
+  ]
   timings = _read_json(os.path.join(workdir, "timings.json")) or {}
   if timings:
-    parts.append("## Stage times\n\n" + _table(
-        [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()], [("stage", "stage"), ("seconds", "seconds")]))
+    parts.append(
+      "## Stage times\n\n"
+      + _table(
+        [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()],
+        [("stage", "stage"), ("seconds", "seconds")],
+      )
+    )
 
   pre = os.path.join(workdir, "pretrain")
   summary = _read_json(os.path.join(pre, "data_summary.json"))
   if summary:
-    parts.append("## Data mixture\n\n" + _table(summary["mixture"], [
-        ("source", "source"), ("weight", "weight"), ("documents", "documents"), ("tokens", "tokens"),
-        ("share", "share of training tokens"), ("epochs", "epochs over the budget")]))
+    parts.append(
+      "## Data mixture\n\n"
+      + _table(
+        summary["mixture"],
+        [
+          ("source", "source"),
+          ("weight", "weight"),
+          ("documents", "documents"),
+          ("tokens", "tokens"),
+          ("share", "share of training tokens"),
+          ("epochs", "epochs over the budget"),
+        ],
+      )
+    )
     tk = summary["tokenizer"]
     parts.append(
-        f"## Tokenizer\n\nSentencePiece BPE, {tk['vocab_size']:,} pieces, "
-        f"{tk['eval_bytes_per_token']:.2f} UTF-8 bytes per token on the held-out split; "
-        f"{summary['train_tokens']:,} training and {summary['eval_tokens']:,} held-out tokens. "
-        f"Special tokens: {', '.join(f'{k}={v}' for k, v in tk['special_tokens'].items())}.\n")
+      f"## Tokenizer\n\nSentencePiece BPE, {tk['vocab_size']:,} pieces, "
+      f"{tk['eval_bytes_per_token']:.2f} UTF-8 bytes per token on the held-out split; "
+      f"{summary['train_tokens']:,} training and {summary['eval_tokens']:,} held-out tokens. "
+      f"Special tokens: {', '.join(f'{k}={v}' for k, v in tk['special_tokens'].items())}.\n"
+    )
   pre_cfg = _read_json(os.path.join(pre, "config.json"))
   if pre_cfg:
     from gpt_jax import describe
@@ -155,9 +197,12 @@ def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
 
   results = []
   checks = [
-      ("pretrain", "eval/loss", "held-out loss"), ("pretrain", "eval/bits_per_byte", "bits per byte"),
-      ("sft", "eval/loss", "held-out loss"), ("sft", "eval/accuracy", "held-out exact-match accuracy"),
-      ("rm", "eval/accuracy", "held-out pairwise accuracy"), ("rm", "eval/margin", "mean reward margin"),
+    ("pretrain", "eval/loss", "held-out loss"),
+    ("pretrain", "eval/bits_per_byte", "bits per byte"),
+    ("sft", "eval/loss", "held-out loss"),
+    ("sft", "eval/accuracy", "held-out exact-match accuracy"),
+    ("rm", "eval/accuracy", "held-out pairwise accuracy"),
+    ("rm", "eval/margin", "mean reward margin"),
   ]
   for stage, key, label in checks:
     v = _last(os.path.join(workdir, stage), key)
@@ -165,17 +210,33 @@ def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
       results.append({"stage": stage, "metric": label, "value": v})
   stats = _read_json(os.path.join(workdir, "rm", "reward_stats.json"))
   if stats:
-    results.append({"stage": "rm", "metric": "reward mean / std over SFT samples",
-                    "value": f"{stats['mean']:.3f} / {stats['std']:.3f}"})
+    results.append(
+      {
+        "stage": "rm",
+        "metric": "reward mean / std over SFT samples",
+        "value": f"{stats['mean']:.3f} / {stats['std']:.3f}",
+      }
+    )
   ppo_dir = os.path.join(workdir, "ppo")
-  for key, label in (("eval/gold", "held-out gold accuracy"), ("reward", "reward"), ("kl", "KL to reference")):
+  for key, label in (
+    ("eval/gold", "held-out gold accuracy"),
+    ("reward", "reward"),
+    ("kl", "KL to reference"),
+  ):
     s = _series(ppo_dir, key)
     for name, pts in sorted(s.items()):
       if pts:
-        results.append({"stage": "ppo", "metric": f"{label} ({name}): first → last",
-                        "value": f"{pts[0][1]:.4g} → {pts[-1][1]:.4g}"})
+        results.append(
+          {
+            "stage": "ppo",
+            "metric": f"{label} ({name}): first → last",
+            "value": f"{pts[0][1]:.4g} → {pts[-1][1]:.4g}",
+          }
+        )
   if results:
-    parts.append("## Results\n\n" + _table(results, [("stage", "stage"), ("metric", "metric"), ("value", "value")]))
+    parts.append(
+      "## Results\n\n" + _table(results, [("stage", "stage"), ("metric", "metric"), ("value", "value")])
+    )
 
   for fname, title in plot(workdir, out_dir):
     parts.append(f"### {title}\n\n![{title}]({fname})\n")

@@ -24,24 +24,24 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axes. Weights are sharded over fsdp on their model-width axis (ZeRO-3 style)
 # and over tensor on heads / ffn width / vocab (Megatron style); batches over data and fsdp.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # weights
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("pos", None),
-    ("norm", None),
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  # weights
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("pos", None),
+  ("norm", None),
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("act_seq", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -59,12 +59,12 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   if free:
     if len(devices) % fixed:
       raise ConfigError(
-          f"mesh: {len(devices)} devices cannot be split into {sizes} (fixed axes multiply to {fixed})"
+        f"mesh: {len(devices)} devices cannot be split into {sizes} (fixed axes multiply to {fixed})"
       )
     sizes[free[0]] = len(devices) // fixed
   if math.prod(sizes.values()) != len(devices):
     raise ConfigError(
-        f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} ({sizes}) but there are {len(devices)} devices"
+      f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} ({sizes}) but there are {len(devices)} devices"
     )
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:
@@ -74,8 +74,9 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(dev_array, MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None, rules=RULES) -> PartitionSpec:
+def logical_to_spec(
+  axes: Sequence[str | None] | None, shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules=RULES
+) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.
 
   With shape and mesh, a dimension that the mesh axes do not divide evenly is left unsharded
@@ -111,10 +112,10 @@ def named(mesh: Mesh, axes, shape=None) -> NamedSharding:
 def tree_shardings(mesh: Mesh, axes_tree, abstract_tree):
   """NamedShardings for a tree of arrays given a matching tree of logical-axis tuples."""
   return jax.tree.map(
-      lambda ax, x: named(mesh, ax, x.shape),
-      axes_tree,
-      abstract_tree,
-      is_leaf=lambda a: isinstance(a, tuple) or a is None,
+    lambda ax, x: named(mesh, ax, x.shape),
+    axes_tree,
+    abstract_tree,
+    is_leaf=lambda a: isinstance(a, tuple) or a is None,
   )
 
 

@@ -21,11 +21,11 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> dict:
   return {
-      "params": params,
-      "opt_state": optimizer.init(params),
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(seed)),
-      "skipped": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": optimizer.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.key_data(jax.random.key(seed)),
+    "skipped": jnp.zeros((), jnp.int32),
   }
 
 
@@ -34,11 +34,11 @@ def state_shardings(mesh, optimizer: optax.GradientTransformation, params_shardi
   the RNG are replicated."""
   rep = sharding.replicated(mesh)
   opt = optax.tree_map_params(
-      optimizer,
-      lambda _, s: s,
-      abstract_state["opt_state"],
-      params_shardings,
-      transform_non_params=lambda _: rep,
+    optimizer,
+    lambda _, s: s,
+    abstract_state["opt_state"],
+    params_shardings,
+    transform_non_params=lambda _: rep,
   )
   return {"params": params_shardings, "opt_state": opt, "step": rep, "rng": rep, "skipped": rep}
 
@@ -55,15 +55,15 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    lr_schedule: optax.Schedule,
-    *,
-    mesh,
-    state_sharding,
-    batch_sharding,
-    grad_accum: int = 1,
-    donate: bool = True,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  *,
+  mesh,
+  state_sharding,
+  batch_sharding,
+  grad_accum: int = 1,
+  donate: bool = True,
 ):
   """Returns jitted `step(state, batch) -> (state, metrics)`.
 
@@ -96,8 +96,8 @@ def make_train_step(
           return jax.tree.map(jnp.add, carry, out), None
 
         zeros = jax.tree.map(
-            lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng),
+          lambda x: jnp.zeros(x.shape, x.dtype),
+          jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng),
         )
         (loss_sum, weight, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
       denom = jnp.maximum(weight, 1.0)
@@ -109,27 +109,27 @@ def make_train_step(
       new_params = optax.apply_updates(params, updates)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       new_state = {
-          "params": keep(new_params, params),
-          "opt_state": keep(new_opt, state["opt_state"]),
-          "step": state["step"] + 1,
-          "rng": state["rng"],
-          "skipped": state["skipped"] + (1 - finite.astype(jnp.int32)),
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "skipped": state["skipped"] + (1 - finite.astype(jnp.int32)),
       }
       metrics = {
-          "loss": loss,
-          "grad_norm": grad_norm,
-          "lr": lr_schedule(state["step"]),
-          "weight": weight,
-          "finite": finite.astype(jnp.float32),
-          **{k.removesuffix("_sum"): v / denom for k, v in aux.items()},
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": lr_schedule(state["step"]),
+        "weight": weight,
+        "finite": finite.astype(jnp.float32),
+        **{k.removesuffix("_sum"): v / denom for k, v in aux.items()},
       }
       return new_state, metrics
 
   return jax.jit(
-      step,
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,) if donate else (),
+    step,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,) if donate else (),
   )
 
 
@@ -142,7 +142,7 @@ def make_eval_step(loss_fn: LossFn, *, mesh, params_sharding, batch_sharding):
       return {"loss_sum": loss_sum, "weight": weight, **aux}
 
   return jax.jit(
-      evaluate,
-      in_shardings=(params_sharding, batch_sharding),
-      out_shardings=sharding.replicated(mesh),
+    evaluate,
+    in_shardings=(params_sharding, batch_sharding),
+    out_shardings=sharding.replicated(mesh),
   )

@@ -36,7 +36,9 @@ class Preempted(SystemExit):
 
   def __init__(self, step: int, workdir: str):
     super().__init__(PREEMPTED_EXIT_CODE)
-    self.message = f"preempted (SIGTERM) at step {step}: checkpoint saved in {workdir}; rerun the same command to resume"
+    self.message = (
+      f"preempted (SIGTERM) at step {step}: checkpoint saved in {workdir}; rerun the same command to resume"
+    )
 
 
 @dataclasses.dataclass
@@ -172,13 +174,20 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
   state_sh = step_lib.state_shardings(mesh, optimizer, model.shardings, abstract_state)
   batch_sh = {k: sharding.batch_sharding(mesh) for k in stage.batch_keys}
   train_step = step_lib.make_train_step(
-      stage.loss_fn, optimizer, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh,
-      grad_accum=int(t.grad_accum),
+    stage.loss_fn,
+    optimizer,
+    lr,
+    mesh=mesh,
+    state_sharding=state_sh,
+    batch_sharding=batch_sh,
+    grad_accum=int(t.grad_accum),
   )
-  eval_step = step_lib.make_eval_step(stage.loss_fn, mesh=mesh, params_sharding=model.shardings, batch_sharding=batch_sh)
+  eval_step = step_lib.make_eval_step(
+    stage.loss_fn, mesh=mesh, params_sharding=model.shardings, batch_sharding=batch_sh
+  )
 
   ckpt = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoint)
+    os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoint)
   )
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard))
@@ -186,7 +195,7 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
       abstract_with_sh = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh
       )
       state, extra = ckpt.restore(latest, abstract_with_sh)
       stage.train_batches.set_state(extra["loader"])
@@ -194,15 +203,23 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
     else:
       params = init_params()
       state = jax.jit(
-          lambda p: step_lib.init_state(p, optimizer, int(t.seed)), out_shardings=state_sh, donate_argnums=0
+        lambda p: step_lib.init_state(p, optimizer, int(t.seed)), out_shardings=state_sh, donate_argnums=0
       )(params)
     start = int(jax.device_get(state["step"]))
-    peak = metrics_lib.peak_flops_per_device(override=float(cfg.metrics.peak_flops) or None, dtype=model.cfg.dtype)
-    progress = metrics_lib.Progress(total_steps, start, enabled=is_main and bool(t.progress_bar), desc=stage.name)
+    peak = metrics_lib.peak_flops_per_device(
+      override=float(cfg.metrics.peak_flops) or None, dtype=model.cfg.dtype
+    )
+    progress = metrics_lib.Progress(
+      total_steps, start, enabled=is_main and bool(t.progress_bar), desc=stage.name
+    )
     last = {"train": {}, "eval": {}}
 
     def save(step_now: int, force: bool = False):
-      extra = {"loader": stage.train_batches.get_state(), "config": config_lib.to_dict(cfg), "stage": stage.name}
+      extra = {
+        "loader": stage.train_batches.get_state(),
+        "config": config_lib.to_dict(cfg),
+        "stage": stage.name,
+      }
       if stage.extra_state:
         extra.update(stage.extra_state())
       ckpt.save(step_now, state, extra=extra, force=force)
@@ -242,12 +259,14 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
         if t.nonfinite == "stop":
           bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m.get(k, 0.0))]
           raise TrainingError(
-              f"non-finite {'/'.join(bad) or 'loss'} at step {step_done} "
-              f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); the update was not applied and no "
-              "checkpoint of it was written (set train.nonfinite=skip to skip such steps)"
+            f"non-finite {'/'.join(bad) or 'loss'} at step {step_done} "
+            f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); the update was not applied and no "
+            "checkpoint of it was written (set train.nonfinite=skip to skip such steps)"
           )
         skipped[0] += 1
-        log.warning("step %d: non-finite loss or gradients, update skipped (%d so far)", step_done, skipped[0])
+        log.warning(
+          "step %d: non-finite loss or gradients, update skipped (%d so far)", step_done, skipped[0]
+        )
         # The step's values are garbage: no log, average or progress display sees them, only the count.
         m = {"skipped_steps": float(skipped[0]), "lr": m.get("lr")}
       now = time.perf_counter()
@@ -280,10 +299,10 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
             window["steps"] += 1
         pending = (step_now, dev_metrics)
         boundary = (
-            step_now % int(t.eval_every) == 0
-            or step_now % int(t.checkpoint_every) == 0
-            or step_now == total_steps
-            or sigterm.flag
+          step_now % int(t.eval_every) == 0
+          or step_now % int(t.checkpoint_every) == 0
+          or step_now == total_steps
+          or sigterm.flag
         )
         if boundary:
           # Read this step's metrics (a non-finite step raises here, before any checkpoint of it).
@@ -314,4 +333,3 @@ def fit(cfg, workdir: str, model: Model, stage: Stage, *, log_fn=print) -> dict:
 
 def _fmt(v) -> str:
   return f"{v:.4g}" if isinstance(v, float) else str(v)
-

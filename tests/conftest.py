@@ -4,7 +4,7 @@ import os
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs: share compiled executables across tests and the
@@ -38,7 +38,9 @@ def prepared_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("prepared"))
   cfg = tiny_config()
   tokens = cfg.train.global_batch * cfg.train.seq_len
-  data.prepare(cfg.data, d, token_budget=tokens * cfg.train.steps, tokens_per_batch=tokens, log=lambda *a: None)
+  data.prepare(
+    cfg.data, d, token_budget=tokens * cfg.train.steps, tokens_per_batch=tokens, log=lambda *a: None
+  )
   return d
 
 

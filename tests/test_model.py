@@ -18,8 +18,8 @@ def _apply(g, p, *args, **kw):
 
 
 FAMILIES = {
-    "llama": M.preset("tiny", **SMALL, num_kv_heads=2, d_ff=64),
-    "gpt2": M.preset("tiny_gpt2", **SMALL),
+  "llama": M.preset("tiny", **SMALL, num_kv_heads=2, d_ff=64),
+  "gpt2": M.preset("tiny_gpt2", **SMALL),
 }
 
 
@@ -82,7 +82,9 @@ def _loss_and_grads(cfg, p, x):
   return jax.jit(jax.value_and_grad(f))(p)
 
 
-@pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")])
+@pytest.mark.parametrize(
+  "change", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")]
+)
 def test_loop_and_remat_do_not_change_results(change):
   cfg = FAMILIES["llama"]
   _, p = M.split(cfg, 2)
@@ -114,13 +116,13 @@ def test_hidden_states_are_returned():
 
 
 @pytest.mark.parametrize(
-    "bad, key",
-    [
-        (dict(num_heads=5), "model.num_heads"),
-        (dict(num_kv_heads=3), "model.num_kv_heads"),
-        (dict(norm="batchnorm"), "model.norm"),
-        (dict(vocab_size=0), "model.vocab_size"),
-    ],
+  "bad, key",
+  [
+    (dict(num_heads=5), "model.num_heads"),
+    (dict(num_kv_heads=3), "model.num_kv_heads"),
+    (dict(norm="batchnorm"), "model.norm"),
+    (dict(vocab_size=0), "model.vocab_size"),
+  ],
 )
 def test_bad_model_config_names_the_key(bad, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -47,7 +47,9 @@ def test_rerun_skips_finished_stages(tiny_pipeline_dir):
 
 def test_a_different_config_is_refused_naming_the_keys(tiny_pipeline_dir):
   with pytest.raises(ConfigError, match=r"model\.d_model"):
-    pipeline.run(tiny_pipeline_config(**{"pretrain.model.d_model": 96}), tiny_pipeline_dir, log_fn=lambda *a: None)
+    pipeline.run(
+      tiny_pipeline_config(**{"pretrain.model.d_model": 96}), tiny_pipeline_dir, log_fn=lambda *a: None
+    )
 
 
 def test_a_failing_stage_keeps_the_earlier_ones(tiny_pipeline_dir, tmp_path):
@@ -63,16 +65,27 @@ def test_a_failing_stage_keeps_the_earlier_ones(tiny_pipeline_dir, tmp_path):
 
 def test_chat_base_model_continues_and_assistant_answers(tiny_pipeline_dir):
   out = io.StringIO()
-  replies = chat.run(os.path.join(tiny_pipeline_dir, "sft"), prompt="Add 2 and 3.", temperature=0.0,
-                     max_new_tokens=8, out=out)
+  replies = chat.run(
+    os.path.join(tiny_pipeline_dir, "sft"), prompt="Add 2 and 3.", temperature=0.0, max_new_tokens=8, out=out
+  )
   assert len(replies) == 1 and replies[0].strip() in out.getvalue()
   # Interactive: two turns from stdin, the second sees the first (the conversation is kept).
   out = io.StringIO()
-  replies = chat.run(os.path.join(tiny_pipeline_dir, "sft"), temperature=0.0, max_new_tokens=8,
-                     stdin=io.StringIO("Add 2 and 3.\nSort: 3 1 2\n"), out=out)
+  replies = chat.run(
+    os.path.join(tiny_pipeline_dir, "sft"),
+    temperature=0.0,
+    max_new_tokens=8,
+    stdin=io.StringIO("Add 2 and 3.\nSort: 3 1 2\n"),
+    out=out,
+  )
   assert len(replies) == 2 and "you> " in out.getvalue()
-  base = chat.run(os.path.join(tiny_pipeline_dir, "pretrain"), prompt="def main", temperature=0.0,
-                  max_new_tokens=8, out=io.StringIO())
+  base = chat.run(
+    os.path.join(tiny_pipeline_dir, "pretrain"),
+    prompt="def main",
+    temperature=0.0,
+    max_new_tokens=8,
+    out=io.StringIO(),
+  )
   assert len(base) == 1
 
 

@@ -19,8 +19,9 @@ def _losses(workdir):
 
 def test_trains_with_falling_loss_and_writes_metrics(prepared_dir, tmp_path):
   wd = seed_workdir(prepared_dir, str(tmp_path / "run"))
-  cfg = tiny_config(**{"train.steps": 12, "train.eval_every": 12, "train.checkpoint_every": 12,
-                       "optim.lr_peak": 1e-2})
+  cfg = tiny_config(
+    **{"train.steps": 12, "train.eval_every": 12, "train.checkpoint_every": 12, "optim.lr_peak": 1e-2}
+  )
   out = pretrain.run(cfg, wd, log_fn=lambda *a: None)
   losses = _losses(wd)
   assert sorted(losses) == list(range(1, 13))
@@ -64,15 +65,15 @@ def test_changed_model_is_refused_on_resume(prepared_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, match",
-    [
-        ({"train.global_batch": 12}, r"train\.global_batch"),
-        ({"mesh.data": 3}, "mesh"),
-        ({"train.seq_len": 128}, r"train\.seq_len.*model\.max_seq_len=64"),
-        ({"optim.lr_peak": -1.0}, r"optim\.lr_peak"),
-        ({"train.grad_accum": 3}, r"train\.grad_accum"),
-        ({"model.num_heads": 3}, r"model\.num_heads"),
-    ],
+  "overrides, match",
+  [
+    ({"train.global_batch": 12}, r"train\.global_batch"),
+    ({"mesh.data": 3}, "mesh"),
+    ({"train.seq_len": 128}, r"train\.seq_len.*model\.max_seq_len=64"),
+    ({"optim.lr_peak": -1.0}, r"optim\.lr_peak"),
+    ({"train.grad_accum": 3}, r"train\.grad_accum"),
+    ({"model.num_heads": 3}, r"model\.num_heads"),
+  ],
 )
 def test_bad_config_fails_before_anything_is_built(tmp_path, overrides, match):
   wd = str(tmp_path / "bad")

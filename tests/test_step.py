@@ -13,10 +13,22 @@ from gpt_jax import step as S
 from gpt_jax.data.batch import from_windows
 from gpt_jax.errors import ConfigError
 
-CFG = M.preset("tiny", vocab_size=128, max_seq_len=32, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64)
+CFG = M.preset(
+  "tiny", vocab_size=128, max_seq_len=32, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64
+)
 OPTIM = ml_collections.ConfigDict(
-    dict(lr_peak=1e-2, lr_end_ratio=0.1, warmup_steps=1, decay_steps=0, schedule="cosine", weight_decay=0.1,
-         b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0)
+  dict(
+    lr_peak=1e-2,
+    lr_end_ratio=0.1,
+    warmup_steps=1,
+    decay_steps=0,
+    schedule="cosine",
+    weight_decay=0.1,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    grad_clip_norm=1.0,
+  )
 )
 
 
@@ -47,8 +59,9 @@ def _train(mesh_shape, batches, accum=1, loss_scale=1.0):
     return loss_sum * loss_scale, w, aux
 
   batch_sh = {k: sharding.batch_sharding(mesh) for k in batches[0]}
-  step = S.make_train_step(loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh,
-                           grad_accum=accum)
+  step = S.make_train_step(
+    loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=accum
+  )
   history = []
   for b in batches:
     state, m = step(state, b)
@@ -65,7 +78,7 @@ def test_losses_equal_on_every_mesh():
     state, hist = _train(shape, batches)
     np.testing.assert_allclose([h["loss"] for h in hist], ref_losses, rtol=2e-5, err_msg=str(shape))
     np.testing.assert_allclose(
-        np.asarray(state["params"]["embed"]), np.asarray(ref_state["params"]["embed"]), atol=2e-5
+      np.asarray(state["params"]["embed"]), np.asarray(ref_state["params"]["embed"]), atol=2e-5
     )
 
 

@@ -18,11 +18,11 @@ import numpy as np
 
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {
-    "inputs": np.int32,
-    "targets": np.int32,
-    "positions": np.int32,
-    "segment_ids": np.int32,
-    "loss_mask": np.float32,
+  "inputs": np.int32,
+  "targets": np.int32,
+  "positions": np.int32,
+  "segment_ids": np.int32,
+  "loss_mask": np.float32,
 }
 
 
@@ -51,9 +51,9 @@ def from_windows(windows_BT1: np.ndarray, eot_id: int, document_mask: bool = Tru
     segment_ids = np.ones((B, T), np.int32)
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
   return {
-      "inputs": inputs,
-      "targets": targets,
-      "positions": positions,
-      "segment_ids": segment_ids,
-      "loss_mask": np.ones((B, T), np.float32),
+    "inputs": inputs,
+    "targets": targets,
+    "positions": positions,
+    "segment_ids": segment_ids,
+    "loss_mask": np.ones((B, T), np.float32),
   }

@@ -61,12 +61,20 @@ def check_workdir_config(cfg, workdir: str, *, force: bool = False) -> None:
     if not force:
       for name in _stages(cfg):
         if name in saved and name in current:
-          config_lib.check_resume(saved[name], current[name], what=f"pipeline workdir {workdir} (stage {name})")
-      other = [k for k, _, _ in config_lib.config_diff(
+          config_lib.check_resume(
+            saved[name], current[name], what=f"pipeline workdir {workdir} (stage {name})"
+          )
+      other = [
+        k
+        for k, _, _ in config_lib.config_diff(
           {k: v for k, v in saved.items() if k not in STAGE_ORDER},
-          {k: v for k, v in current.items() if k not in STAGE_ORDER})]
+          {k: v for k, v in current.items() if k not in STAGE_ORDER},
+        )
+      ]
       if other:
-        raise ConfigError(f"pipeline workdir {workdir} was made with a different config: {', '.join(other)} differ")
+        raise ConfigError(
+          f"pipeline workdir {workdir} was made with a different config: {', '.join(other)} differ"
+        )
   os.makedirs(workdir, exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(current, f, indent=2, sort_keys=True)

@@ -34,8 +34,8 @@ def validate(cfg) -> ModelConfig:
   distributed.check_train(cfg)
   if cfg.train.init_from:
     raise ConfigError(
-        f"train.init_from: pretraining starts from random weights, got {cfg.train.init_from!r} "
-        "(finetune a checkpoint with the sft stage instead)"
+      f"train.init_from: pretraining starts from random weights, got {cfg.train.init_from!r} "
+      "(finetune a checkpoint with the sft stage instead)"
     )
   return model_cfg
 
@@ -50,9 +50,14 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     tokens_per_step = int(t.global_batch) * int(t.seq_len)
     # One process tokenizes; the others then only verify what it built.
     prepared = distributed.main_first(
-        lambda: data_lib.prepare(cfg.data, workdir, token_budget=tokens_per_step * int(t.steps),
-                                 tokens_per_batch=tokens_per_step, log=log_fn),
-        what="data.prepare",
+      lambda: data_lib.prepare(
+        cfg.data,
+        workdir,
+        token_budget=tokens_per_step * int(t.steps),
+        tokens_per_batch=tokens_per_step,
+        log=log_fn,
+      ),
+      what="data.prepare",
     )
     data_lib.check_vocab(prepared.tokenizer, model_cfg.vocab_size)
     write_data_summary(workdir, prepared)
@@ -60,19 +65,26 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     model = trainer.Model.build(model_cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     document_mask = bool(cfg.data.document_mask)
-    loader_args = dict(global_batch=int(t.global_batch), seq_len=int(t.seq_len), sharding=batch_sh,
-                       seed=int(cfg.data.seed), document_mask=document_mask)
+    loader_args = dict(
+      global_batch=int(t.global_batch),
+      seq_len=int(t.seq_len),
+      sharding=batch_sh,
+      seed=int(cfg.data.seed),
+      document_mask=document_mask,
+    )
     train_loader = data_lib.make_loader(prepared, "train", **loader_args)
-    data_lib.make_loader(prepared, "eval", **loader_args).close()  # checks the eval split now, not at step 1000
+    data_lib.make_loader(
+      prepared, "eval", **loader_args
+    ).close()  # checks the eval split now, not at step 1000
     bpt = prepared.eval_bytes_per_token
     stage = trainer.Stage(
-        name="pretrain",
-        loss_fn=lm_loss(model, document_mask=document_mask, z_loss=float(cfg.loss.z_loss)),
-        train_batches=train_loader,
-        eval_batches=lambda: data_lib.make_loader(prepared, "eval", **loader_args),
-        eval_summary=lambda sums: trainer.default_eval_summary(sums, bpt),
-        tokens_per_step=tokens_per_step,
-        flops_per_token=model_lib.flops_per_token(model_cfg, int(t.seq_len)),
+      name="pretrain",
+      loss_fn=lm_loss(model, document_mask=document_mask, z_loss=float(cfg.loss.z_loss)),
+      train_batches=train_loader,
+      eval_batches=lambda: data_lib.make_loader(prepared, "eval", **loader_args),
+      eval_summary=lambda sums: trainer.default_eval_summary(sums, bpt),
+      tokens_per_step=tokens_per_step,
+      flops_per_token=model_lib.flops_per_token(model_cfg, int(t.seq_len)),
     )
     try:
       return trainer.fit(cfg, workdir, model, stage, log_fn=log_fn)
@@ -84,16 +96,17 @@ def write_data_summary(workdir: str, prepared) -> None:
   """data_summary.json: the mixture table and tokenizer figures, for reports and notebooks."""
   tok = prepared.tokenizer
   summary = {
-      "mixture": prepared.mixture_table,
-      "tokenizer": {
-          "vocab_size": tok.vocab_size,
-          "eval_bytes_per_token": prepared.eval_bytes_per_token,
-          "special_tokens": {n: tok.special_id(n) for n in ("bos", "eos", "pad", "system", "user", "assistant",
-                                                           "end_of_turn")},
-          "sha256": tok.sha256(),
+    "mixture": prepared.mixture_table,
+    "tokenizer": {
+      "vocab_size": tok.vocab_size,
+      "eval_bytes_per_token": prepared.eval_bytes_per_token,
+      "special_tokens": {
+        n: tok.special_id(n) for n in ("bos", "eos", "pad", "system", "user", "assistant", "end_of_turn")
       },
-      "train_tokens": prepared.train_tokens,
-      "eval_tokens": prepared.eval_tokens,
+      "sha256": tok.sha256(),
+    },
+    "train_tokens": prepared.train_tokens,
+    "eval_tokens": prepared.eval_tokens,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "data_summary.json"), "w") as f:
