@@ -10,7 +10,7 @@ import pytest
 from gpt_jax import losses, optim, sharding
 from gpt_jax import model as M
 from gpt_jax import step as S
-from gpt_jax.data.batch import from_windows
+from gpt_jax.data.batch import KEYS, from_windows
 from gpt_jax.errors import ConfigError
 
 CFG = M.preset(
@@ -58,7 +58,7 @@ def _train(mesh_shape, batches, accum=1, loss_scale=1.0):
     loss_sum, w, aux = losses.next_token_xent(out.logits, b["targets"], b["loss_mask"])
     return loss_sum * loss_scale, w, aux
 
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in batches[0]}
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in KEYS}
   step = S.make_train_step(
     loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=accum
   )
