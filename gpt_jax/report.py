@@ -40,7 +40,11 @@ PLOTS = (
   (
     "ppo.png",
     "PPO: reward, gold accuracy, KL to the reference",
-    [("ppo", "reward", "reward"), ("ppo", "gold", "gold accuracy"), ("ppo", "kl", "KL")],
+    [
+      ("ppo", "ppo/reward", "reward (normalised)"),
+      ("ppo", "eval/gold_accuracy", "held-out gold accuracy"),
+      ("ppo", "ppo/kl", "KL per response"),
+    ],
   ),
 )
 
@@ -63,11 +67,7 @@ def _series(workdir: str, key: str) -> dict[str, list[tuple[int, float]]]:
     for k, v in rec.items():
       if k in ("step", "time") or not isinstance(v, (int, float)):
         continue
-      if (
-        key == k
-        or (key in k and "/" in key and k.startswith(key))
-        or ("/" not in key and key in k.split("/")[-1])
-      ):
+      if key == k or ("/" not in key and key in k.split("/")[-1]):  # a full name matches only itself
         out.setdefault(k, {})[int(rec["step"])] = float(v)
   return {k: sorted(v.items()) for k, v in out.items()}
 
@@ -219,9 +219,10 @@ def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
     )
   ppo_dir = os.path.join(workdir, "ppo")
   for key, label in (
-    ("eval/gold", "held-out gold accuracy"),
-    ("reward", "reward"),
-    ("kl", "KL to reference"),
+    ("eval/gold_accuracy", "held-out gold accuracy"),
+    ("eval/reward", "held-out reward (normalised)"),
+    ("ppo/reward_raw", "rollout reward (raw)"),
+    ("ppo/kl", "KL to reference per response"),
   ):
     s = _series(ppo_dir, key)
     for name, pts in sorted(s.items()):
