@@ -142,17 +142,9 @@ def read_comparisons(path: str) -> list[Comparison]:
     raise DataError(f"comparisons file {path} does not exist")
   out: list[Comparison] = []
   group = 0
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-      out += parse_line(row, where, group)
-      group += 1
+  for where, row in tasks_lib.read_jsonl(path):
+    out += parse_line(row, where, group)
+    group += 1
   if not out:
     raise DataError(f"comparisons file {path} holds no comparisons")
   return out

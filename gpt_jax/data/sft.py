@@ -69,22 +69,14 @@ def read_conversations(path: str) -> list[Conversation]:
   if not os.path.isfile(path):
     raise DataError(f"conversations file {path} does not exist")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-      if isinstance(row, dict):
-        if "messages" not in row:
-          raise DataError(f"{where}: no 'messages' key; expected {{\"messages\": [{{role, content}}, ...]}}")
-        messages, kind = row["messages"], str(row.get("kind", "chat"))
-      else:
-        messages, kind = row, "chat"
-      out.append(Conversation(check_messages(messages, where), kind, where))
+  for where, row in tasks_lib.read_jsonl(path):
+    if isinstance(row, dict):
+      if "messages" not in row:
+        raise DataError(f"{where}: no 'messages' key; expected {{\"messages\": [{{role, content}}, ...]}}")
+      messages, kind = row["messages"], str(row.get("kind", "chat"))
+    else:
+      messages, kind = row, "chat"
+    out.append(Conversation(check_messages(messages, where), kind, where))
   if not out:
     raise DataError(f"conversations file {path} holds no conversations")
   return out

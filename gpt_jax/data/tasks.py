@@ -206,6 +206,20 @@ def task_rows(tasks: Iterable[Task]) -> list[dict]:
   return [{"messages": t.conversation(), "kind": t.kind, "answer": t.answer} for t in tasks]
 
 
+def read_jsonl(path: str):
+  """Yields (where, row) for each non-blank line of a JSONL file, where = "path:line";
+  a line that is not JSON raises DataError naming it."""
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        yield where, json.loads(line)
+      except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def write_jsonl(path: str, rows: Iterable) -> int:
   """Writes one JSON value per line, atomically (tmp file + rename); returns the number of rows."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -475,24 +475,16 @@ def read_pairs_file(path: str) -> list[tuple]:
   if not os.path.isfile(path):
     raise DataError(f"--pairs_file: {path} does not exist")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-      for field in ("prompt", "response"):
-        if not isinstance(row, dict) or field not in row:
-          raise DataError(f'{where}: missing field \'{field}\' (expected {{"prompt", "response"}})')
-      out.append(
-        (
-          comp_data.check_prompt(row["prompt"], where),
-          comp_data.check_response(row["response"], where, "response"),
-        )
+  for where, row in tasks_lib.read_jsonl(path):
+    for field in ("prompt", "response"):
+      if not isinstance(row, dict) or field not in row:
+        raise DataError(f'{where}: missing field \'{field}\' (expected {{"prompt", "response"}})')
+    out.append(
+      (
+        comp_data.check_prompt(row["prompt"], where),
+        comp_data.check_response(row["response"], where, "response"),
       )
+    )
   if not out:
     raise DataError(f"--pairs_file: {path} holds no pairs")
   return out
