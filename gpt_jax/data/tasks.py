@@ -62,6 +62,22 @@ class TaskSpec:
     return self
 
 
+def spec_from_config(section, name: str) -> TaskSpec:
+  """The TaskSpec of a config section's task_* knobs; ConfigError names the key as `<name>.task_<knob>`."""
+  kinds = tuple(k.strip() for k in str(section.task_kinds).split(",") if k.strip())
+  spec = TaskSpec(
+    kinds,
+    int(section.task_digits),
+    int(section.task_list_len),
+    int(section.task_word_len),
+    float(section.task_eval_fraction),
+  )
+  try:
+    return spec.validate()
+  except ConfigError as e:
+    raise ConfigError(f"{name}.{e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One graded prompt: `question` is the user turn, `answer` the exact reference reply."""

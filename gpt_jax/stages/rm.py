@@ -42,14 +42,7 @@ reward_batch = comp_data.reward_batch
 
 def task_spec(r) -> tasks_lib.TaskSpec:
   """The TaskSpec of the cfg.rm task_* knobs (ConfigError names the rm key)."""
-  kinds = tuple(k.strip() for k in str(r.task_kinds).split(",") if k.strip())
-  spec = tasks_lib.TaskSpec(
-    kinds, int(r.task_digits), int(r.task_list_len), int(r.task_word_len), float(r.task_eval_fraction)
-  )
-  try:
-    return spec.validate()
-  except ConfigError as e:
-    raise ConfigError(f"rm.{e}") from None
+  return tasks_lib.spec_from_config(r, "rm")
 
 
 def validate(cfg) -> ModelConfig:

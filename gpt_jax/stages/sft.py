@@ -46,14 +46,7 @@ RUNTIME_MODEL_KEYS = (
 
 def task_spec(s) -> tasks_lib.TaskSpec:
   """The TaskSpec of the cfg.sft task_* knobs (ConfigError names the sft key)."""
-  kinds = tuple(k.strip() for k in str(s.task_kinds).split(",") if k.strip())
-  spec = tasks_lib.TaskSpec(
-    kinds, int(s.task_digits), int(s.task_list_len), int(s.task_word_len), float(s.task_eval_fraction)
-  )
-  try:
-    return spec.validate()
-  except ConfigError as e:
-    raise ConfigError(f"sft.{e}") from None
+  return tasks_lib.spec_from_config(s, "sft")
 
 
 def validate(cfg) -> ModelConfig:
