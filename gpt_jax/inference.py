@@ -12,7 +12,7 @@ import jax
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sharding
-from gpt_jax.data import load_tokenizer
+from gpt_jax.data import load_any_tokenizer
 from gpt_jax.errors import CheckpointError
 
 
@@ -79,7 +79,7 @@ def load(path: str, *, mesh=None, items=("params", "policy")) -> Loaded:
       errors.append(str(e))
   else:
     raise CheckpointError(f"{path}: no model parameters found ({'; '.join(errors)})")
-  tokenizer = load_tokenizer(workdir)
+  tokenizer = load_any_tokenizer(workdir)
   return Loaded(stage, workdir, model_cfg, graphdef, params, tokenizer, mesh)
 
 

@@ -403,3 +403,221 @@ def test_cli_exports_imports_and_training_workdirs(tmp_path, imported):
   assert cfg == m.cfg and "imported" in logs[-1]
   with pytest.raises(CheckpointError, match="neither model_config.json"):
     cli.cmd_export(workdir=str(tmp_path), out_dir=str(tmp_path / "d"))
+
+
+# --- finetuning an import (train.init_from=<import dir>) --------------------------------------------
+
+CHAT = [
+  {"role": "system", "content": "Answer tersely."},
+  {"role": "user", "content": "Add 12 and 30."},
+  {"role": "assistant", "content": "42"},
+  {"role": "user", "content": "Uppercase: dog"},
+  {"role": "assistant", "content": "DOG"},
+]
+
+
+def _corpus():
+  from gpt_jax.data import tasks
+
+  return [f"{t.question} {t.answer}" for t in tasks.make_tasks("train", 300, 0)] + TEXTS
+
+
+def _gpt2_with_tokenizer(hf_dir):
+  """A tiny GPT-2 with its own byte-level BPE (eos <|endoftext|>, no bos, as GPT-2 without a bos_token)."""
+  tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package ships with transformers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=320,
+    special_tokens=["<|endoftext|>"],
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tok.train_from_iterator(_corpus(), trainer)
+  eos = tok.token_to_id("<|endoftext|>")
+  cfg = transformers.GPT2Config(
+    vocab_size=tok.get_vocab_size(),
+    n_positions=128,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=eos,
+    eos_token_id=eos,
+  )
+  torch.manual_seed(0)
+  _save(transformers.GPT2LMHeadModel(cfg), hf_dir)
+  tok.save(str(hf_dir / "tokenizer.json"))
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+
+def _llama_with_tokenizer(hf_dir):
+  """A tiny LLaMA with its own SentencePiece model (<s> = 1, </s> = 2), trained in memory."""
+  import io
+
+  import sentencepiece as spm
+
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_corpus()),
+    model_writer=model,
+    vocab_size=400,
+    model_type="bpe",
+    byte_fallback=True,
+    hard_vocab_limit=False,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    minloglevel=2,
+  )
+  vocab = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+  cfg = transformers.LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  torch.manual_seed(0)
+  _save(transformers.LlamaForCausalLM(cfg), hf_dir)
+  (hf_dir / "tokenizer.model").write_bytes(model.getvalue())
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+@pytest.fixture(scope="module")
+def chat_import(tmp_path_factory):
+  """family -> an import-hf directory of a tiny model that has a tokenizer; built once."""
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      d = tmp_path_factory.mktemp(f"chat_{family}")
+      (d / "hf").mkdir()
+      {"gpt2": _gpt2_with_tokenizer, "llama": _llama_with_tokenizer}[family](d / "hf")
+      hf.import_hf(str(d / "hf"), str(d / "ckpt"), mesh_cfg={"data": 1, "fsdp": -1, "tensor": 1})
+      cache[family] = str(d / "ckpt")
+    return cache[family]
+
+  return get
+
+
+def _sft_cfg(import_dir, **over):
+  from gpt_jax import config as config_lib
+
+  with open(os.path.join(import_dir, hf.MODEL_CONFIG)) as f:
+    model = {f"model.{k}": v for k, v in json.load(f).items() if not k.startswith("_")}
+  overrides = {
+    **model,
+    "train.steps": 2,
+    "train.global_batch": 8,
+    "train.seq_len": 64,
+    "train.eval_every": 2,
+    "train.checkpoint_every": 2,
+    "train.eval_batches": 0,
+    "train.log_every": 1,
+    "train.progress_bar": False,
+    "train.async_checkpoint": False,
+    "train.init_from": import_dir,
+    "optim.warmup_steps": 1,
+    "optim.decay_steps": 2,
+    "metrics.tensorboard": False,
+    "sft.task_train": 64,
+    "sft.task_eval": 8,
+    "sft.eval_samples": 0,
+    **over,
+  }
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return config_lib.load(os.path.join(root, "experiments", "sft.py:tiny"), overrides)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sft_starts_from_an_import_in_its_own_vocabulary(family, chat_import, tmp_path):
+  from gpt_jax import metrics
+  from gpt_jax.data import load_any_tokenizer
+  from gpt_jax.data import sft as sft_data
+  from gpt_jax.interop import cli
+  from gpt_jax.stages import rm, sft
+
+  import_dir = chat_import(family)
+  workdir = str(tmp_path / "sft")
+  # GPT-2 also runs the greedy-accuracy eval (sampling stops at the model's eos = end of turn).
+  over = {"train.eval_batches": 1, "sft.eval_samples": 4, "sft.max_new_tokens": 4, "sft.sample_batch": 8}
+  cfg_ = _sft_cfg(import_dir, **(over if family == "gpt2" else {}))
+  result = sft.run(cfg_, workdir, log_fn=lambda *a: None)
+  if family == "gpt2":
+    assert 0.0 <= result["eval"]["accuracy"] <= 1.0
+
+  # The workdir's tokenizer is the import's, behind the chat adapter, in the model's own vocabulary.
+  tok = load_any_tokenizer(workdir)
+  assert isinstance(tok, hf.ChatTokenizer)
+  assert tok.sha256() == load_any_tokenizer(import_dir).sha256()
+  assert sorted(os.listdir(os.path.join(workdir, hf.TOKENIZER_DIR))) == sorted(
+    os.listdir(os.path.join(import_dir, hf.TOKENIZER_DIR))
+  )
+  eos = {"gpt2": "<|endoftext|>", "llama": "</s>"}[family]
+  assert tok.eos_id == tok.hf.token_to_id(eos) == tok.special_id("end_of_turn") == tok.pad_id
+  assert tok.bos_id == (tok.eos_id if family == "gpt2" else 1)  # GPT-2 has no bos: eos opens the text
+  for text in ("Add 12 and 30. 42", "Reverse: a b c", TEXTS[1], f"text that names {eos}"):
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.eos_id not in tok.encode(f"a message cannot end its turn with {eos} in it")
+  ids, mask = tok.render_chat(CHAT)
+  assert len(ids) == len(mask) and ids[0] == tok.bos_id and mask[0] == 0
+  learned = [i for i, m in zip(ids, mask) if m]
+  assert learned == [*tok.encode("42"), tok.eos_id, *tok.encode("DOG"), tok.eos_id]
+  assert ids[: 1 + len(tok.marker_ids("system"))] == [tok.bos_id, *tok.encode("<|system|>\n")]
+  prompt = tok.render_chat(CHAT[:2], add_generation_prompt=True)[0]
+  assert prompt[-len(tok.marker_ids("assistant")) :] == tok.encode("<|assistant|>\n")
+  with pytest.raises(DataError, match="role 'user' has no token of its own"):
+    tok.special_id("user")
+
+  # Step 1's loss is the imported params' loss on the first batch: the run started from the import.
+  losses = {r["step"]: r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r}
+  assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+  convs = sft_data.read_conversations(os.path.join(workdir, "data", "train.jsonl"))
+  enc = sft_data.encode(convs, tok, 64, "drop", "check")
+  batch = sft_data.SftLoader(enc, global_batch=8, seq_len=64, sharding=None).host_batch()
+  cfg, params = hf.load_imported(import_dir)
+  graphdef, _, _ = model_lib.abstract(cfg)
+  logits = model_lib.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
+  from gpt_jax.losses import next_token_xent
+
+  loss_sum, weight, _ = next_token_xent(logits, batch["targets"], batch["loss_mask"])
+  np.testing.assert_allclose(losses[1], float(loss_sum) / float(weight), rtol=2e-5)
+
+  # Later stages read the same adapter: a reward-model workdir made from this SFT workdir, and export.
+  rm_dir = str(tmp_path / "rm")
+  rm_tok = sft.install_tokenizer(sft.resolve_init(workdir), rm_dir, lambda *a: None)
+  assert rm_tok.sha256() == tok.sha256() and load_any_tokenizer(rm_dir).sha256() == tok.sha256()
+  for require_sft in (False, True):  # an import has the SFT model's shape but is no SFT checkpoint
+    rm_cfg = types.SimpleNamespace(rm=types.SimpleNamespace(require_sft=require_sft), model=cfg_.model)
+    if require_sft:
+      with pytest.raises(CheckpointError, match="written by stage 'import', not by SFT"):
+        rm.check_init(rm_cfg, sft.resolve_init(import_dir))
+    else:
+      rm.check_init(rm_cfg, sft.resolve_init(import_dir))
+  if family == "gpt2":
+    files = cli.cmd_export(workdir=workdir, out_dir=str(tmp_path / "export"), log_fn=lambda *a: None)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eos_id
+
+
+def test_sft_from_an_import_of_another_shape_names_the_key(chat_import, tmp_path):
+  from gpt_jax.stages import sft
+
+  import_dir = chat_import("gpt2")
+  workdir = tmp_path / "w"
+  with pytest.raises(
+    CheckpointError, match=r"model.d_model: 64 differs from 32 in the init checkpoint .*imported"
+  ):
+    sft.run(_sft_cfg(import_dir, **{"model.d_model": 64}), str(workdir))
+  assert not os.path.exists(workdir / "config.json")  # refused before anything was written
+  # A value that derives the same shape is no difference: d_ff 0 means 4 * d_model = 128.
+  sft.check_init(_sft_cfg(import_dir, **{"model.d_ff": 128}), sft.resolve_init(import_dir))

@@ -18,6 +18,7 @@ _EXPORTS = {
   "Tokenizer": "tokenizer",
   "check_vocab": "tokenizer",
   "load_tokenizer": "tokenizer",
+  "load_any_tokenizer": "tokenizer",
   "Loader": "loader",
   "make_loader": "loader",
 }
@@ -28,6 +29,7 @@ __all__ = [
   "Tokenizer",
   "check_vocab",
   "default_data_config",
+  "load_any_tokenizer",
   "load_tokenizer",
   "make_loader",
   "prepare",

@@ -28,6 +28,8 @@ from gpt_jax.errors import DataError
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
+# An imported model's own tokenizer files (Hugging Face layout), read by interop.hf_tokenizer.
+HF_TOKENIZER_DIR = "hf_tokenizer"
 SPECIAL_PIECES = {
   "unk": "<|unk|>",
   "bos": "<|bos|>",
@@ -95,13 +97,7 @@ class Tokenizer:
     ids, mask = [self.bos_id], [0]
     eot = self._special["end_of_turn"]
     for i, m in enumerate(messages):
-      role, content = m.get("role"), m.get("content")
-      if role not in CHAT_ROLES:
-        raise DataError(f"chat message {i}: unknown role {role!r}; expected one of {CHAT_ROLES}")
-      if not isinstance(content, str):
-        raise DataError(f"chat message {i} ({role}): content must be a string, got {type(content).__name__}")
-      if role == "assistant" and not content.strip():
-        raise DataError(f"chat message {i} (assistant): empty content; nothing to learn")
+      role, content = check_message(i, m)
       body = self.encode(content)
       learn = 1 if role == "assistant" else 0
       ids += [self._special[role], *body, eot]
@@ -118,6 +114,18 @@ class Tokenizer:
   def model_proto(self) -> bytes:
     """Returns the serialized model (to rebuild the tokenizer in another process)."""
     return self._proto
+
+
+def check_message(i: int, m: dict) -> tuple[str, str]:
+  """Returns (role, content) of chat message i; DataError for an unknown role, non-text or empty reply."""
+  role, content = m.get("role"), m.get("content")
+  if role not in CHAT_ROLES:
+    raise DataError(f"chat message {i}: unknown role {role!r}; expected one of {CHAT_ROLES}")
+  if not isinstance(content, str):
+    raise DataError(f"chat message {i} ({role}): content must be a string, got {type(content).__name__}")
+  if role == "assistant" and not content.strip():
+    raise DataError(f"chat message {i} (assistant): empty content; nothing to learn")
+  return role, content
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
@@ -141,6 +149,31 @@ def load_tokenizer(path_or_workdir: str) -> Tokenizer:
       except RuntimeError as e:
         raise DataError(f"tokenizer {cand}: not a SentencePiece model ({e})") from None
   raise DataError(f"tokenizer: no {MODEL_FILE} at {p} (nor in {p}/tokenizer/)")
+
+
+def has_tokenizer(workdir: str) -> bool:
+  """True when a workdir (or an imported checkpoint) holds a tokenizer load_any_tokenizer reads."""
+  p = os.path.expanduser(str(workdir))
+  return os.path.isfile(os.path.join(p, "tokenizer", MODEL_FILE)) or os.path.isdir(
+    os.path.join(p, HF_TOKENIZER_DIR)
+  )
+
+
+def load_any_tokenizer(workdir: str):
+  """The tokenizer of a stage workdir or an imported checkpoint: <workdir>/tokenizer/tokenizer.model
+  (a Tokenizer), else <workdir>/hf_tokenizer/ (an imported model's own tokenizer behind the same
+  interface: interop.hf_tokenizer.ChatTokenizer). A model file or tokenizer directory loads as
+  load_tokenizer does. DataError when there is none."""
+  p = os.path.expanduser(str(workdir))
+  if os.path.isfile(p) or os.path.isfile(os.path.join(p, MODEL_FILE)):
+    return load_tokenizer(p)
+  if os.path.isfile(os.path.join(p, "tokenizer", MODEL_FILE)):
+    return load_tokenizer(os.path.join(p, "tokenizer"))
+  if os.path.isdir(os.path.join(p, HF_TOKENIZER_DIR)):
+    from gpt_jax.interop.hf_tokenizer import load_chat_tokenizer
+
+    return load_chat_tokenizer(os.path.join(p, HF_TOKENIZER_DIR))
+  raise DataError(f"tokenizer: {p} has neither tokenizer/{MODEL_FILE} nor {HF_TOKENIZER_DIR}/")
 
 
 def training_sentences(docs: Iterable[str]) -> Iterable[str]:

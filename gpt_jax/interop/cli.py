@@ -58,15 +58,24 @@ def cmd_export(
 
   params_item: the subtree of the saved state holding the transformer params (e.g. "params/policy"
   for a PPO state); reward_head: {"w", "b"} to export a reward model as a sequence classifier.
-  tokenizer: a SentencePiece model; default <workdir>/tokenizer/tokenizer.model when present.
+  tokenizer: a SentencePiece model; default <workdir>/tokenizer/tokenizer.model when present, else the
+  imported model's own tokenizer files <workdir>/hf_tokenizer/ (an import, or a run started from one),
+  with its bos and eos ids in config.json.
   """
   if os.path.isfile(os.path.join(workdir, hf.MODEL_CONFIG)):
     cfg, params = hf.load_imported(workdir)
   else:
     cfg, params = _workdir_params(workdir, params_item)
   default_tok = os.path.join(workdir, "tokenizer", "tokenizer.model")
+  hf_tok_dir, ids = None, {}
   if tokenizer is None and os.path.isfile(default_tok):
     tokenizer = default_tok
-  files = hf.export_hf(cfg, params, out_dir, tokenizer_model=tokenizer, reward_head=reward_head)
+  elif tokenizer is None and os.path.isdir(os.path.join(workdir, hf.TOKENIZER_DIR)):
+    hf_tok_dir = os.path.join(workdir, hf.TOKENIZER_DIR)
+    tok = hf.load_chat_tokenizer(hf_tok_dir)
+    ids = {"bos_id": tok.hf.bos_id, "eos_id": tok.eos_id}
+  files = hf.export_hf(
+    cfg, params, out_dir, tokenizer_model=tokenizer, tokenizer_dir=hf_tok_dir, reward_head=reward_head, **ids
+  )
   log_fn(f"exported {workdir} to {out_dir}: {', '.join(files)}")
   return files

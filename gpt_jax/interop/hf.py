@@ -13,7 +13,8 @@ Import reads one tensor at a time and places it on the mesh as it goes:
 An imported checkpoint is a directory that `checkpoint.restore_params(dir, abstract)` reads directly:
   <dir>/model_config.json   the ModelConfig fields (plus where the weights came from)
   <dir>/state/              orbax PyTree {"params": params}
-  <dir>/hf_tokenizer/       the model's tokenizer files, when it has any (load_hf_tokenizer reads them)
+  <dir>/hf_tokenizer/       the model's tokenizer files, when it has any (load_hf_tokenizer reads them;
+                            load_chat_tokenizer puts the chat adapter the stages use around them)
   <dir>/_INTEGRITY.json     size + crc32 of every file (written last, so a partial import never counts)
 
 Export gathers one tensor at a time and writes safetensors files of at most `max_shard_bytes`
@@ -40,17 +41,24 @@ from gpt_jax import sharding as sharding_lib
 from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.interop.hf_config import config_from_hf, hf_arch, hf_config, model_type  # noqa: F401 - re-exported
 from gpt_jax.interop.hf_files import TensorFiles
-from gpt_jax.interop.hf_tokenizer import HfTokenizer, load_hf_tokenizer  # noqa: F401 - re-exported
+from gpt_jax.interop.hf_tokenizer import (  # noqa: F401 - re-exported
+  TOKENIZER_DIR,
+  TOKENIZER_FILES,
+  ChatTokenizer,
+  HfTokenizer,
+  load_chat_tokenizer,
+  load_hf_tokenizer,
+)
+from gpt_jax.interop.hf_tokenizer import tokenizer_files as tokenizer_files_in
 from gpt_jax.interop.hf_weights import Spec, export_tensors, import_specs
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model_config.json"
 STATE = "state"
-# The HF tokenizer travels with an import, apart from <dir>/tokenizer/ (the project's own SentencePiece
-# models with gpt_jax's special tokens live there; an HF tokenizer generally lacks them).
-TOKENIZER_DIR = "hf_tokenizer"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The HF tokenizer travels with an import as TOKENIZER_DIR, apart from <dir>/tokenizer/ (the project's
+# own SentencePiece models with gpt_jax's special tokens live there; an HF tokenizer generally lacks
+# them): stages read it through the chat adapter, hf_tokenizer.ChatTokenizer.
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -317,6 +325,7 @@ def export_hf(
   out_dir: str,
   *,
   tokenizer_model: str | None = None,
+  tokenizer_dir: str | None = None,
   reward_head: dict | None = None,
   bos_id: int | None = None,
   eos_id: int | None = None,
@@ -326,8 +335,9 @@ def export_hf(
   """Writes a Hugging Face model directory (config.json + safetensors) of `params`; returns the files written.
 
   reward_head {"w": (D,), "b": ()} exports *ForSequenceClassification (num_labels=1) without the LM
-  head. tokenizer_model: a SentencePiece model file copied as tokenizer.model. Refuses an out_dir that
-  already holds a config.json or weights.
+  head. tokenizer_model: a SentencePiece model file copied as tokenizer.model; tokenizer_dir: a directory
+  of Hugging Face tokenizer files (an import's hf_tokenizer/) whose TOKENIZER_FILES are copied. Refuses
+  an out_dir that already holds a config.json or weights.
   """
   hf_arch(cfg)  # ConfigError before anything is written if no HF layout fits
   for name in ("config.json", "model.safetensors", "model.safetensors.index.json"):
@@ -335,6 +345,10 @@ def export_hf(
       raise CheckpointError(f"export output {out_dir} already has {name}; choose a new directory")
   if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
     raise CheckpointError(f"tokenizer model {tokenizer_model} does not exist")
+  if tokenizer_dir is not None and tokenizer_model is not None:
+    raise ConfigError("export: give tokenizer_model or tokenizer_dir, not both")
+  if tokenizer_dir is not None and not tokenizer_files_in(tokenizer_dir):
+    raise CheckpointError(f"tokenizer directory {tokenizer_dir} holds none of {TOKENIZER_FILES}")
   get, score_w, extra = _reward_getter(cfg, params, reward_head)
   if jax.process_index() != 0:  # every process joins the gathers above and below; one writes
     for _ in export_tensors(cfg, get, with_lm_head=reward_head is None):
@@ -352,6 +366,11 @@ def export_hf(
   if tokenizer_model is not None:
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     written.append("tokenizer.model")
+  if tokenizer_dir is not None:
+    for name, data in tokenizer_files_in(tokenizer_dir).items():
+      with open(os.path.join(out_dir, name), "wb") as f:
+        f.write(data)
+      written.append(name)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return [*written, "config.json"]

@@ -2,14 +2,20 @@
 
 GPT-2's byte-level BPE is read with the `tokenizers` library (the reference implementation, shipped
 with transformers); LLaMA's tokenizer.model with sentencepiece. Both get the same small interface.
+
+ChatTokenizer puts that interface behind the one of the project's Tokenizer (chat template, special
+ids, identity hash), so that every stage can finetune and sample an imported model in its own
+vocabulary; load_chat_tokenizer reads it from <import>/hf_tokenizer or <workdir>/hf_tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from gpt_jax.data.tokenizer import CHAT_ROLES, HF_TOKENIZER_DIR, check_message
 from gpt_jax.errors import DataError
 
 
@@ -46,6 +52,13 @@ class HfTokenizer:
     if self.kind == "bpe":
       return self.backend.decode(ids, skip_special_tokens=True)
     return self.backend.decode(ids)
+
+  def token_to_id(self, piece: str) -> int | None:
+    """Returns the id of one whole token, or None when the vocabulary has no such token."""
+    if self.kind == "bpe":
+      return self.backend.token_to_id(piece)
+    i = int(self.backend.piece_to_id(piece))
+    return i if self.backend.id_to_piece(i) == piece else None
 
 
 def load_hf_tokenizer(model_dir: str) -> HfTokenizer:
@@ -84,3 +97,128 @@ def load_hf_tokenizer(model_dir: str) -> HfTokenizer:
 
     return HfTokenizer(tok, "bpe", bpe, tok_id("eos_token", "<|endoftext|>"), tok_id("bos_token", None))
   raise DataError(f"tokenizer: {model_dir} has neither tokenizer.model nor tokenizer.json")
+
+
+# --- the chat adapter of an imported model -----------------------------------------------------------
+
+# Files of a Hugging Face tokenizer that an import (and a workdir started from one) carries along.
+TOKENIZER_DIR = HF_TOKENIZER_DIR
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Named in sha256(): a change of the template below must change every adapter's identity.
+CHAT_TEMPLATE = "gpt_jax text role markers v1"
+ROLE_MARKER = "<|{role}|>\n"
+
+
+class ChatTokenizer:
+  """An imported model's own tokenizer behind the interface of the project's Tokenizer (gpt_jax/data/tokenizer.py).
+
+  The model keeps its vocabulary: nothing is added to it, so no embedding row is resized or left
+  untrained. The chat template therefore uses only what every tokenizer has:
+
+    [bos] "<|role|>\\n" content <eos> "<|role|>\\n" content <eos> ... ["<|assistant|>\\n"]
+
+  * a role marker ("<|system|>\\n", "<|user|>\\n", "<|assistant|>\\n") is plain text, encoded with
+    the model's own tokenizer (several tokens; each segment is encoded on its own, so content tokens
+    never merge with a marker);
+  * end_of_turn is the model's eos token (GPT-2 <|endoftext|>, LLaMA </s>): generation stops there;
+  * bos is the tokenizer's bos (LLaMA <s>); a tokenizer without one (GPT-2) starts with eos, GPT-2's
+    own convention (its bos_token is <|endoftext|>);
+  * pad is the tokenizer's pad token, else eos (padding is always masked by lengths, never by id).
+
+  render_chat's mask is 1 on each assistant content token and its closing eos, as for the project's
+  Tokenizer. special_id answers bos, eos, pad and end_of_turn; a role has no single-token id (the
+  stages need none) and marker_ids(role) returns its tokens. Content is encoded with special tokens
+  read as plain text (a message containing "<|endoftext|>" cannot end a turn), but a message that
+  contains a marker's text, e.g. "<|user|>\\n", reads like a turn boundary: the price of text markers.
+  sha256 hashes the tokenizer files and the template name.
+  """
+
+  def __init__(self, hf: HfTokenizer, files: dict[str, bytes], pad_id: int | None = None):
+    if hf.eos_id is None:
+      raise DataError(
+        f"tokenizer {hf.path}: no eos token (tokenizer_config.json eos_token); the chat template ends "
+        "each turn with it"
+      )
+    if hf.kind == "bpe" and hasattr(hf.backend, "encode_special_tokens"):
+      hf.backend.encode_special_tokens = True  # content never forges a special token
+    self.hf, self.path = hf, os.path.dirname(hf.path)
+    self.vocab_size = hf.vocab_size
+    self.eos_id = int(hf.eos_id)
+    self.bos_id = int(hf.bos_id) if hf.bos_id is not None else self.eos_id
+    self.pad_id = int(pad_id) if pad_id is not None else self.eos_id
+    self._special = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "end_of_turn": self.eos_id}
+    self._markers = {role: hf.encode(ROLE_MARKER.format(role=role)) for role in CHAT_ROLES}
+    h = hashlib.sha256(CHAT_TEMPLATE.encode())
+    for name in sorted(files):
+      h.update(f"\0{name}\0{len(files[name])}\0".encode())
+      h.update(files[name])
+    self._sha256 = h.hexdigest()
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the token ids of `text` (no bos/eos added)."""
+    return self.hf.encode(text)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+    """Returns the ids of each text (num_threads is accepted for the Tokenizer interface)."""
+    del num_threads
+    return [self.hf.encode(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Returns the text of `ids`; special tokens decode to nothing."""
+    return self.hf.decode(ids)
+
+  def special_id(self, name: str) -> int:
+    """Returns the id of bos, eos, pad or end_of_turn (= eos). DataError for a role: its marker is text."""
+    if name in CHAT_ROLES:
+      raise DataError(
+        f"tokenizer {self.path}: role {name!r} has no token of its own in an imported model's chat template "
+        f"(its marker is the text {ROLE_MARKER.format(role=name)!r}); use marker_ids({name!r})"
+      )
+    if name not in self._special:
+      raise DataError(f"tokenizer: unknown special token {name!r}; expected one of {tuple(self._special)}")
+    return self._special[name]
+
+  def marker_ids(self, role: str) -> list[int]:
+    """Returns the tokens of a role's marker text."""
+    if role not in self._markers:
+      raise DataError(f"chat: unknown role {role!r}; expected one of {CHAT_ROLES}")
+    return list(self._markers[role])
+
+  def render_chat(
+    self, messages: Sequence[dict], add_generation_prompt: bool = False
+  ) -> tuple[list[int], list[int]]:
+    """Renders [{role, content}, ...] with the template above; returns (ids, mask) as Tokenizer.render_chat."""
+    ids, mask = [self.bos_id], [0]
+    for i, m in enumerate(messages):
+      role, content = check_message(i, m)
+      marker, body = self._markers[role], self.hf.encode(content)
+      learn = 1 if role == "assistant" else 0
+      ids += [*marker, *body, self.eos_id]
+      mask += [0] * len(marker) + [learn] * (len(body) + 1)
+    if add_generation_prompt:
+      ids += self._markers["assistant"]
+      mask += [0] * len(self._markers["assistant"])
+    return ids, mask
+
+  def sha256(self) -> str:
+    """Returns the sha256 hex digest of the tokenizer files and the chat template's name."""
+    return self._sha256
+
+
+def tokenizer_files(tok_dir: str) -> dict[str, bytes]:
+  """name -> bytes of the TOKENIZER_FILES present in tok_dir."""
+  out = {}
+  for name in TOKENIZER_FILES:
+    path = os.path.join(tok_dir, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        out[name] = f.read()
+  return out
+
+
+def load_chat_tokenizer(tok_dir: str) -> ChatTokenizer:
+  """Returns the ChatTokenizer of a directory of Hugging Face tokenizer files (e.g. <import>/hf_tokenizer)."""
+  hf = load_hf_tokenizer(tok_dir)
+  pad = _special_token(tok_dir, "pad_token")
+  pad_id = hf.token_to_id(pad) if pad else None
+  return ChatTokenizer(hf, tokenizer_files(tok_dir), pad_id)

@@ -17,7 +17,7 @@ import ml_collections
 from gpt_jax import config as config_lib
 from gpt_jax import optim
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_any_tokenizer
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
 from gpt_jax.model import ModelConfig
 from gpt_jax.stages import rm as rm_stage
@@ -178,8 +178,8 @@ def inspect_sources(cfg, model_cfg: ModelConfig) -> Sources:
       f"ppo.rm_workdir: the reward model's model.vocab_size={rm_model.vocab_size} differs from the policy's "
       f"{model_cfg.vocab_size}; both must embed the same token ids"
     )
-  tok = load_tokenizer(os.path.join(sft.workdir, "tokenizer"))
-  rm_tok = load_tokenizer(os.path.join(rm.workdir, "tokenizer"))
+  tok = load_any_tokenizer(sft.workdir)
+  rm_tok = load_any_tokenizer(rm.workdir)
   if tok.sha256() != rm_tok.sha256():
     raise DataError(
       f"tokenizer {rm_tok.path} of ppo.rm_workdir differs from {tok.path} of ppo.sft_workdir; "

@@ -26,7 +26,7 @@ from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_any_tokenizer
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
 from gpt_jax.model import ModelConfig
 from gpt_jax.stages import sft
@@ -96,11 +96,7 @@ def validate(cfg) -> ModelConfig:
 
 def check_init(cfg, src: sft.InitSource) -> None:
   """CheckpointError unless src is an SFT checkpoint (when rm.require_sft) of this config's model shape."""
-  ckpt_dir, step = src.checkpoint, None
-  if os.path.isdir(os.path.join(ckpt_dir, "state")):
-    ckpt_dir, step = os.path.dirname(ckpt_dir), int(os.path.basename(ckpt_dir))
-  with ckpt_lib.Checkpointer(ckpt_dir, create=False) as ck:
-    extra = ck.read_extra(step)
+  extra = sft.init_extra(src)
   stage = extra.get("stage")
   if bool(cfg.rm.require_sft) and stage != "sft":
     raise CheckpointError(
@@ -110,13 +106,13 @@ def check_init(cfg, src: sft.InitSource) -> None:
   saved = (extra.get("config") or {}).get("model")
   if saved is None:
     return  # restore_params still names any tensor whose shape differs
-  current = config_lib.to_dict(cfg.model)
-  for key in sorted(set(saved) | set(current)):
-    if key not in sft.RUNTIME_MODEL_KEYS and saved.get(key) != current.get(key):
-      raise CheckpointError(
-        f"model.{key}: {current.get(key)!r} differs from {saved.get(key)!r} in the init checkpoint "
-        f"{src.checkpoint}; the reward model must have the SFT model's shape"
-      )
+  diff = sft.model_difference(saved, config_lib.to_dict(cfg.model))
+  if diff is not None:
+    key, mine, theirs = diff
+    raise CheckpointError(
+      f"model.{key}: {mine!r} differs from {theirs!r} in the init checkpoint "
+      f"{src.checkpoint}; the reward model must have the SFT model's shape"
+    )
 
 
 def trunk_abstract(model: trainer.Model) -> dict:
@@ -450,7 +446,7 @@ def load_reward_model(workdir: str, mesh=None):
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), model.shapes, model.shardings
   )
   params = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), abstract)
-  return model, params, load_tokenizer(workdir), read_stats(workdir)
+  return model, params, load_any_tokenizer(workdir), read_stats(workdir)
 
 
 def score(workdir: str, pairs, *, mesh=None, batch_size: int = 32) -> list[float]:

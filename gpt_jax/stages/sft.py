@@ -5,6 +5,12 @@ pretraining checkpoint, with exact-match accuracy of greedy replies on held-out 
 
 With sft.data_path '' the embedded graded tasks (gpt_jax/data/tasks.py) are generated into
 DIR/data/{train,eval}.jsonl. The tokenizer comes from the pretraining workdir and is copied into DIR.
+
+train.init_from may also be a Hugging Face model imported with `python -m gpt_jax import-hf` (a
+directory with model_config.json and state/): the model config must then equal the import's, and the
+model keeps its own vocabulary: its tokenizer files are copied into DIR/hf_tokenizer/ and read through
+the chat adapter interop.hf_tokenizer.ChatTokenizer (role markers as plain text, end of turn = eos),
+which every later stage (rm, ppo, chat, export-hf) loads from there too.
 """
 
 from __future__ import annotations
@@ -24,8 +30,17 @@ from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import META_FILE, MODEL_FILE, check_vocab, load_tokenizer
+from gpt_jax.data.tokenizer import (
+  HF_TOKENIZER_DIR,
+  META_FILE,
+  MODEL_FILE,
+  Tokenizer,
+  check_vocab,
+  has_tokenizer,
+  load_any_tokenizer,
+)
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
+from gpt_jax.interop import hf as hf_lib
 from gpt_jax.model import ModelConfig
 from gpt_jax.stages.pretrain import lm_loss
 
@@ -98,15 +113,26 @@ def validate(cfg) -> ModelConfig:
 class InitSource:
   """Where the pretrained model lives: its checkpoint path and the workdir holding its tokenizer."""
 
-  checkpoint: str  # a checkpoints directory (newest valid step) or one step directory
+  checkpoint: str  # a checkpoints directory (newest valid step), one step directory, or an import
   workdir: str
+  imported: bool = False  # an import-hf directory: checkpoint == workdir, model_config.json, hf_tokenizer/
+
+
+def is_imported(path: str) -> bool:
+  """True for a directory written by import-hf (model_config.json next to state/)."""
+  return os.path.isfile(os.path.join(path, hf_lib.MODEL_CONFIG)) and os.path.isdir(
+    os.path.join(path, hf_lib.STATE)
+  )
 
 
 def resolve_init(path: str) -> InitSource:
-  """Accepts a pretraining workdir, its checkpoints dir, or one step dir; CheckpointError if missing."""
+  """Accepts a pretraining workdir, its checkpoints dir, one step dir, or an imported Hugging Face
+  checkpoint (import-hf); CheckpointError if missing."""
   p = os.path.abspath(os.path.expanduser(str(path)))
   if not os.path.exists(p):
     raise CheckpointError(f"train.init_from: {p} does not exist")
+  if is_imported(p):
+    return InitSource(p, p, imported=True)
   if os.path.isdir(os.path.join(p, "checkpoints")):
     return InitSource(os.path.join(p, "checkpoints"), p)
   if os.path.isdir(os.path.join(p, "state")):  # one step directory: <workdir>/checkpoints/<step>
@@ -114,13 +140,28 @@ def resolve_init(path: str) -> InitSource:
   return InitSource(p, os.path.dirname(p))
 
 
-def saved_model_config(src: InitSource) -> dict | None:
-  """The model config the checkpoint was trained with (its saved extra, else the workdir's config.json)."""
+def init_extra(src: InitSource) -> dict:
+  """The init checkpoint's saved extra ({"stage", "config", ...}); an import's is {"stage": "import",
+  "config": {"model": its model_config.json}}."""
+  if src.imported:
+    path = os.path.join(src.checkpoint, hf_lib.MODEL_CONFIG)
+    try:
+      with open(path) as f:
+        model = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # _source: provenance
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"train.init_from: {path} is unreadable ({e})") from None
+    return {"stage": "import", "config": {"model": model}}
   ckpt_dir, step = src.checkpoint, None
   if os.path.isdir(os.path.join(ckpt_dir, "state")):
     ckpt_dir, step = os.path.dirname(ckpt_dir), int(os.path.basename(ckpt_dir))
   with ckpt_lib.Checkpointer(ckpt_dir, create=False) as ck:
-    extra = ck.read_extra(step)
+    return ck.read_extra(step)
+
+
+def saved_model_config(src: InitSource) -> dict | None:
+  """The model config the checkpoint was trained with (its saved extra, else the workdir's config.json;
+  an import's model_config.json)."""
+  extra = init_extra(src)
   model = (extra.get("config") or {}).get("model")
   if model is None and os.path.isfile(os.path.join(src.workdir, "config.json")):
     with open(os.path.join(src.workdir, "config.json")) as f:
@@ -128,18 +169,44 @@ def saved_model_config(src: InitSource) -> dict | None:
   return model
 
 
+def derived_model_keys(model: dict) -> dict:
+  """The model keys with each "0 = derive it" value (d_ff, head_dim, num_kv_heads) replaced by what it
+  derives, so that e.g. an import's num_kv_heads=32 equals a preset's 0 with 32 heads."""
+  m = dict(model)
+  try:
+    d, h = int(m["d_model"]), int(m["num_heads"])
+    for key, value in (("d_ff", 4 * d), ("head_dim", d // h), ("num_kv_heads", h)):
+      if not int(m.get(key) or 0):
+        m[key] = value
+  except (KeyError, TypeError, ValueError, ZeroDivisionError):
+    pass  # an invalid config: ModelConfig.validate names it
+  return m
+
+
+def model_difference(saved: dict, current: dict) -> tuple[str, object, object] | None:
+  """(key, current value, saved value) of a model key that changes the model (RUNTIME_MODEL_KEYS do
+  not), or None. "0 = derive it" equals the value it derives; a key set differently is named before
+  one that differs only through another (d_model 64 vs 32 before the d_ff it derives)."""
+  a, b = derived_model_keys(saved), derived_model_keys(current)
+  keys = [k for k in sorted(set(a) | set(b)) if k not in RUNTIME_MODEL_KEYS and a.get(k) != b.get(k)]
+  if not keys:
+    return None
+  raw = [k for k in keys if saved.get(k) != current.get(k)]
+  key = (raw or keys)[0]
+  return (key, current.get(key), saved.get(key)) if raw else (key, b.get(key), a.get(key))
+
+
 def check_init(cfg, src: InitSource) -> None:
   """CheckpointError naming the first model key whose value differs from the checkpoint's."""
   saved = saved_model_config(src)
   if saved is None:
     return  # no config saved: the leaf-by-leaf check of restore_params still names any differing tensor
-  current = config_lib.to_dict(cfg.model)
-  for key in sorted(set(saved) | set(current)):
-    if key in RUNTIME_MODEL_KEYS or saved.get(key) == current.get(key):
-      continue
+  diff = model_difference(saved, config_lib.to_dict(cfg.model))
+  if diff is not None:
+    key, mine, theirs = diff
     raise CheckpointError(
-      f"model.{key}: {current.get(key)!r} differs from {saved.get(key)!r} in the init checkpoint {src.checkpoint}; "
-      "the SFT model must have the pretraining model's shape"
+      f"model.{key}: {mine!r} differs from {theirs!r} in the init checkpoint {src.checkpoint}; "
+      f"the SFT model must have the {'imported' if src.imported else 'pretraining'} model's shape"
     )
 
 
@@ -163,29 +230,50 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def install_tokenizer(src: InitSource | None, workdir: str, log_fn):
-  """Copies the pretraining tokenizer into <workdir>/tokenizer (once) and returns it loaded."""
-  mine = os.path.join(workdir, "tokenizer")
-  if os.path.isfile(os.path.join(mine, MODEL_FILE)):
-    tok = load_tokenizer(mine)
+  """Copies the init checkpoint's tokenizer into the workdir (once) and returns it loaded.
+
+  The project's SentencePiece model goes to <workdir>/tokenizer/; an imported model's own tokenizer
+  (<src>/hf_tokenizer/) to <workdir>/hf_tokenizer/, loaded as the chat adapter. Either way
+  load_any_tokenizer(workdir) reads it back, for this stage's successors. On a second run the copy
+  must still be the init checkpoint's (same sha256)."""
+  if has_tokenizer(workdir):
+    tok = load_any_tokenizer(workdir)
     if src is not None:
-      theirs = load_tokenizer(os.path.join(src.workdir, "tokenizer"))
+      theirs = load_any_tokenizer(src.workdir)
       if theirs.sha256() != tok.sha256():
         raise DataError(
           f"tokenizer {tok.path} differs from the init workdir's {theirs.path}; use a new --workdir"
         )
     return tok
   if src is None:
-    raise DataError(f"tokenizer: {mine}/{MODEL_FILE} is missing")
-  theirs = load_tokenizer(os.path.join(src.workdir, "tokenizer"))
-  os.makedirs(mine, exist_ok=True)
-  for name in (META_FILE, MODEL_FILE):  # the model last: its presence marks a finished copy
-    path = os.path.join(os.path.dirname(theirs.path), name)
-    if os.path.isfile(path):
-      tmp = os.path.join(mine, f"{name}.tmp{os.getpid()}")
-      shutil.copyfile(path, tmp)
-      os.replace(tmp, os.path.join(mine, name))
+    raise DataError(f"tokenizer: {workdir} has neither tokenizer/{MODEL_FILE} nor {HF_TOKENIZER_DIR}/")
+  if src.imported and not has_tokenizer(src.workdir):
+    raise DataError(
+      f"train.init_from: the imported checkpoint {src.workdir} has no {HF_TOKENIZER_DIR}/ (its Hugging Face "
+      "directory had no tokenizer files); import a directory that has tokenizer.json or tokenizer.model"
+    )
+  theirs = load_any_tokenizer(src.workdir)
+  if isinstance(theirs, Tokenizer):
+    mine = os.path.join(workdir, "tokenizer")
+    os.makedirs(mine, exist_ok=True)
+    for name in (META_FILE, MODEL_FILE):  # the model last: its presence marks a finished copy
+      path = os.path.join(os.path.dirname(theirs.path), name)
+      if os.path.isfile(path):
+        tmp = os.path.join(mine, f"{name}.tmp{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(mine, name))
+  else:  # copied whole into a temporary directory, then renamed: its presence marks a finished copy
+    tmp = os.path.join(workdir, f"{HF_TOKENIZER_DIR}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(theirs.path, tmp)
+    try:
+      os.replace(tmp, os.path.join(workdir, HF_TOKENIZER_DIR))
+    except OSError:  # another process of this run finished its copy first
+      if not has_tokenizer(workdir):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
   log_fn(f"[sft] tokenizer ({theirs.vocab_size} pieces) copied from {theirs.path}")
-  return load_tokenizer(mine)
+  return load_any_tokenizer(workdir)
 
 
 # --- data -----------------------------------------------------------------------------------------
