@@ -21,7 +21,8 @@ from gpt_jax import config as config_lib
 _PRESETS = {
   "tiny": (
     "tiny",
-    dict(steps=150, global_batch=32, seq_len=48, eval_every=50, checkpoint_every=50, eval_batches=64),
+    # 150 steps reached 82.8% held-out accuracy from the 62% SFT model, 600 steps 87.9%.
+    dict(steps=400, global_batch=32, seq_len=48, eval_every=200, checkpoint_every=200, eval_batches=64),
     dict(lr_peak=1e-3, warmup_steps=10, weight_decay=0.0),
     dict(),
   ),
@@ -78,6 +79,11 @@ def rm_config(**overrides) -> ml_collections.ConfigDict:
       task_eval=512,
       task_seed=1,
       rambling_fraction=0.25,  # share of pairs "bare answer > the same answer wrapped in filler"
+      # The SFT model's own graded mistakes as rejected replies (InstructGPT ranks model samples): one
+      # reply sampled for each of the first policy_train / policy_eval prompts; wrong ones become pairs.
+      policy_train=0,
+      policy_eval=0,
+      policy_temperature=1.0,
       # reward_stats.json: the RM's reward mean/std over the SFT model's own samples (for PPO).
       stats_samples=256,
       stats_max_new_tokens=16,

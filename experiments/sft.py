@@ -17,10 +17,12 @@ from gpt_jax import config as config_lib
 
 # preset -> (pretraining preset, train overrides, optim overrides, sft overrides)
 _PRESETS = {
+  # tiny: at lr 1e-3 the demo model learned only sorting in 300 steps (18% held-out exact match);
+  # 3e-3 for 400 steps reached 62% (add 9%, reverse 84%, sort 94%, upper 59%) from the same base.
   "tiny": (
     "tiny",
-    dict(steps=300, global_batch=16, seq_len=128, eval_every=100, checkpoint_every=100),
-    dict(lr_peak=1e-3, warmup_steps=20),
+    dict(steps=400, global_batch=16, seq_len=128, eval_every=100, checkpoint_every=100),
+    dict(lr_peak=3e-3, warmup_steps=20),
     dict(),
   ),
   "tiny_gpt2": (

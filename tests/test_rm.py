@@ -57,6 +57,8 @@ def rm_cfg(init_from, **over):
     "rm.stats_samples": 8,
     "rm.stats_max_new_tokens": 4,
     "rm.stats_batch": 8,
+    "rm.policy_train": 16,
+    "rm.policy_eval": 8,
   }
   overrides.update(over)
   return config_lib.load(os.path.join(ROOT, "experiments/rm.py:tiny"), overrides)
@@ -336,7 +338,6 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
   assert {"accuracy", "margin", "reward_mean", "reward_std", "loss"} <= set(ev) and 0.0 <= ev[
     "accuracy"
   ] <= 1.0
-  assert ev["pairs"] == 16  # every held-out pair, none dropped
   by_label = {k: v for k, v in ev.items() if k.startswith("accuracy_")}
   assert {k.split("/")[0] for k in by_label} == {
     "accuracy_add",
@@ -345,7 +346,20 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
     "accuracy_upper",
   }
   assert any(line.startswith("[rm] held-out accuracy by label: add/") for line in logs)
-  assert result["data"]["train_pairs"] == 64 and result["data"]["eval_dropped_too_long"] == 0
+  # The SFT model's own mistakes on the first 16 / 8 prompts join the hand-made pairs: each rejects a
+  # sampled reply the grader marks wrong, in favour of the reference answer.
+  rows = {
+    s: [json.loads(line) for line in open(os.path.join(workdir, "data", f"{s}.jsonl"))]
+    for s in ("train", "eval")
+  }
+  sampled = {s: [r for r in rows[s] if r["reason"] == "sampled"] for s in rows}
+  assert 0 < len(sampled["train"]) <= 16 and 0 < len(sampled["eval"]) <= 8
+  for r in sampled["train"] + sampled["eval"]:
+    task = tasks.Task(r["kind"], r["prompt"][0]["content"], r["chosen"])
+    assert tasks.grade(task, r["chosen"]) == 1.0 and tasks.grade(task, r["rejected"]) == 0.0
+  assert result["data"]["train_pairs"] == 64 + len(sampled["train"])
+  assert result["data"]["eval_dropped_too_long"] == 0
+  assert ev["pairs"] == 16 + len(sampled["eval"])
   stats = json.load(open(os.path.join(workdir, rm.STATS_FILE)))
   assert stats["n"] == 8 and stats["source"] == "sft samples" and stats["std"] >= 0.0
   assert np.isfinite(stats["mean"]) and stats["step"] == 6 and result["reward_stats"] == stats
@@ -404,6 +418,10 @@ def test_init_from_missing_or_not_sft(sft_dir, tmp_path):
     rm.run(rm_cfg(sft_dir[0], **{"model.d_model": 32}), str(workdir))
   with pytest.raises(ConfigError, match="train.init_from: required"):
     rm.run(rm_cfg(""), str(workdir))
+  with pytest.raises(ConfigError, match=r"rm.policy_train: 65 is more than rm.task_train=64"):
+    rm.run(rm_cfg(sft_dir[0], **{"rm.policy_train": 65}), str(workdir))
+  with pytest.raises(ConfigError, match=r"rm.policy_temperature: must be > 0"):
+    rm.run(rm_cfg(sft_dir[0], **{"rm.policy_temperature": 0.0}), str(workdir))
   assert not os.path.exists(workdir / "config.json")  # refused before anything was written
   with pytest.raises(CheckpointError, match="not a reward-model workdir"):
     rm.load_reward_model(str(tmp_path / "nowhere"))

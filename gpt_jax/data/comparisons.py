@@ -169,6 +169,12 @@ def response_tokens(tokenizer: Tokenizer, prompt: list[dict] | str, response: st
   return ids + [tokenizer.eos_id]
 
 
+def reply_text(tokenizer: Tokenizer, reply_ids: Sequence[int], end_id: int) -> str:
+  """The text of a sampled reply: the end-of-turn token and ids past the tokenizer (a model vocabulary
+  padded beyond it) decode to nothing."""
+  return tokenizer.decode([int(t) for t in reply_ids if int(t) != end_id and int(t) < tokenizer.vocab_size])
+
+
 def reward_inputs(tokenizer: Tokenizer, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[int]:
   """The same sequence from ids: a prompt rendered with add_generation_prompt=True, the generated
   response tokens (up to and including <|end_of_turn|> when produced, no padding), then eos."""

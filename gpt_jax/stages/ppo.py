@@ -46,6 +46,7 @@ from gpt_jax import distributed, heads, losses, optim, rl, sampling, sharding, t
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax import step as step_lib
+from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.errors import TrainingError
@@ -219,11 +220,6 @@ def _to_device(host: dict, shard) -> dict:
   }
 
 
-def _response_text(tok, row, n: int, eot: int) -> str:
-  """The reply's text; ids past the tokenizer (a model vocabulary padded beyond it) decode to nothing."""
-  return tok.decode([int(t) for t in row[:n] if int(t) != eot and int(t) < tok.vocab_size])
-
-
 def save_config(workdir: str, cfg) -> None:
   """trainer.save_config with PPO_MUTABLE_KEYS also allowed to change on resume."""
   path = os.path.join(workdir, "config.json")
@@ -382,11 +378,15 @@ class _Run:
       head = heads.init_head(self.policy.cfg.d_model)
       init["policy"][heads.HEAD] = jax.device_put(head, self.policy.shardings[heads.HEAD])
     else:
-      # The critic starts as the reward model rescaled to the normalized score that the rewards use
-      # ((r - mean) / std), so its first values are on the scale of the returns.
+      # The critic starts as the reward model's transformer with a zero head. The reward head was
+      # trained only at the end-of-text token; at the response's other tokens (where the critic
+      # reads it) its values are off any scale, and GAE would turn them into advantages that drown
+      # the reward (explained variance < 0). A zero head starts PPO as REINFORCE with the whitened
+      # mean as baseline, and the critic learns the returns from there.
       value = copy(self.rm_params)
-      head, std = value[heads.HEAD], self.src.score_std
-      value[heads.HEAD] = {"w": head["w"] / std, "b": (head["b"] - self.src.score_mean) / std}
+      value[heads.HEAD] = jax.device_put(
+        heads.init_head(self.reward.cfg.d_model), self.reward.shardings[heads.HEAD]
+      )
       init["value"] = value
     self.state = jax.jit(
       lambda q: step_lib.init_state(q, self.optimizer, self.seed),
@@ -426,7 +426,8 @@ class _Run:
     out = jax.device_get(self.samplers[greedy](self._trunk(), tokens_BP, lengths_B, key))
     t1 = time.perf_counter()
     texts = [
-      _response_text(self.tok, out.tokens[i], int(out.lengths[i]), self.eot) for i in range(len(prompts))
+      comp_data.reply_text(self.tok, out.tokens[i][: int(out.lengths[i])], self.eot)
+      for i in range(len(prompts))
     ]
     golds = np.array(
       [np.nan if q.answer is None else tasks_lib.grade_text(q.answer, x) for q, x in zip(prompts, texts)],

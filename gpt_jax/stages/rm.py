@@ -67,9 +67,22 @@ def validate(cfg) -> ModelConfig:
     ("stats_samples", 0),
     ("stats_max_new_tokens", 1),
     ("stats_batch", 1),
+    ("policy_train", 0),
+    ("policy_eval", 0),
   ):
     if int(r[key]) < lo:
       raise ConfigError(f"rm.{key}: must be >= {lo}, got {r[key]}")
+  if r.data_path and (int(r.policy_train) or int(r.policy_eval)):
+    raise ConfigError(
+      "rm.policy_train: the SFT model's graded mistakes need the embedded tasks (rm.data_path '')"
+    )
+  for key in ("policy_train", "policy_eval"):
+    if int(r[key]) > int(r[f"task_{key[7:]}"]):
+      raise ConfigError(f"rm.{key}: {r[key]} is more than rm.task_{key[7:]}={r[f'task_{key[7:]}']} prompts")
+  if float(r.policy_temperature) <= 0:
+    raise ConfigError(
+      f"rm.policy_temperature: must be > 0 (greedy replies would repeat), got {r.policy_temperature}"
+    )
   if float(r.stats_temperature) < 0:
     raise ConfigError(f"rm.stats_temperature: must be >= 0 (0 is greedy), got {r.stats_temperature}")
   if int(r.stats_max_new_tokens) + 2 >= model_cfg.max_seq_len:
@@ -132,9 +145,20 @@ def restore_init(model: trainer.Model, src: sft.InitSource) -> dict:
 # --- data -------------------------------------------------------------------------------------------
 
 
-def load_data(cfg, workdir: str, log_fn) -> tuple[list, list]:
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def load_data(cfg, workdir: str, log_fn, sampled_pairs=None) -> tuple[list, list]:
   """(train, eval) comparisons: the configured files, or the embedded task comparisons written once into
-  <workdir>/data/ (a resumed run reads what the first run wrote). Held-out prompts never train."""
+  <workdir>/data/ (a resumed run reads what the first run wrote). Held-out prompts never train.
+
+  sampled_pairs(tasks, split) -> rows adds the SFT model's graded mistakes (policy_pairs) for the first
+  rm.policy_train / rm.policy_eval tasks of each split; every process calls it (the sampler is a
+  collective), process 0 writes."""
   r = cfg.rm
   if r.data_path:
     train = comp_data.read_comparisons(r.data_path)
@@ -147,21 +171,24 @@ def load_data(cfg, workdir: str, log_fn) -> tuple[list, list]:
       )
     return train, held
   spec, data_dir = task_spec(r), os.path.join(workdir, "data")
-  for split, n, seed in (
-    ("train", int(r.task_train), int(r.task_seed)),
-    ("eval", int(r.task_eval), int(r.task_seed) + 1),
-  ):
-    path = os.path.join(data_dir, f"{split}.jsonl")
-    if not os.path.isfile(path) and jax.process_index() == 0:
-      rows = tasks_lib.comparisons(
-        tasks_lib.make_tasks(split, n, seed, spec), seed, float(r.rambling_fraction)
-      )
-      tasks_lib.write_jsonl(path, rows)
-      log_fn(f"[rm] wrote {n} {split} comparisons ({', '.join(spec.kinds)}) -> {path}")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("gpt_jax_rm_comparisons_written")
+  splits = (
+    ("train", int(r.task_train), int(r.task_seed), int(r.policy_train)),
+    ("eval", int(r.task_eval), int(r.task_seed) + 1, int(r.policy_eval)),
+  )
+  missing = {split for split, *_ in splits if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl"))}
+  _sync("gpt_jax_rm_comparisons_checked")  # every process has looked before process 0 writes
+  for split, n, seed, n_policy in splits:
+    if split not in missing:
+      continue
+    tasks = tasks_lib.make_tasks(split, n, seed, spec)
+    rows = tasks_lib.comparisons(tasks, seed, float(r.rambling_fraction))
+    sampled = sampled_pairs(tasks[:n_policy], split) if n_policy and sampled_pairs else []
+    if jax.process_index() == 0:
+      path = os.path.join(data_dir, f"{split}.jsonl")
+      tasks_lib.write_jsonl(path, rows + sampled)
+      extra = f" + {len(sampled)} of the SFT model's mistakes on {n_policy} prompts" if n_policy else ""
+      log_fn(f"[rm] wrote {n} {split} comparisons ({', '.join(spec.kinds)}){extra} -> {path}")
+  _sync("gpt_jax_rm_comparisons_written")
   return tuple(comp_data.read_comparisons(os.path.join(data_dir, f"{s}.jsonl")) for s in ("train", "eval"))
 
 
@@ -271,6 +298,55 @@ def accuracy_by_label(model: trainer.Model, params, enc: comp_data.EncodedPairs,
 # --- reward statistics over the SFT model's own samples ---------------------------------------------
 
 
+def sample_replies(
+  model: trainer.Model,
+  params,
+  tokenizer: Tokenizer,
+  prompts,
+  *,
+  max_new_tokens: int,
+  temperature: float,
+  batch: int,
+  seed: int,
+  limit: int,
+  what: str,
+) -> list[tuple[int, list[int], list[int]]]:
+  """One sampled reply per prompt (messages), for the first `limit` prompts that leave room for
+  max_new_tokens and the eos the reward head reads. Returns [(prompt index, prompt ids, reply ids
+  (ending with the end-of-turn token unless cut at max_new_tokens))]; DataError when no prompt fits."""
+  room = model.cfg.max_seq_len - max_new_tokens - 1  # the eos read by the head takes one slot
+  ids = [(i, tokenizer.render_chat(p, add_generation_prompt=True)[0]) for i, p in enumerate(prompts)]
+  ids = [(i, x) for i, x in ids if len(x) <= room][:limit]
+  if not ids:
+    raise DataError(
+      f"rm: no {what} prompt fits model.max_seq_len - {max_new_tokens} new tokens - 1 = {room} tokens"
+    )
+  P = min(-(-max(len(x) for _, x in ids) // 16) * 16, room)
+  batch = min(batch, len(ids))
+  sampler = sampling.make_sampler(
+    model.cfg,
+    model.graphdef,
+    eos_id=tokenizer.special_id("end_of_turn"),
+    pad_id=tokenizer.pad_id,
+    max_prompt_len=P,
+    sample_cfg=sampling.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+    mesh=model.mesh,
+    params_sharding=heads.split_head(model.shardings)[0],
+  )
+  key = jax.random.key(seed)
+  out = []
+  for k, lo in enumerate(range(0, len(ids), batch)):
+    chunk = ids[lo : lo + batch]
+    prompt_ids = [x for _, x in chunk]
+    tokens_BP, lengths_B = sampling.pad_prompts(
+      prompt_ids + [prompt_ids[0]] * (batch - len(chunk)), tokenizer.pad_id, P
+    )
+    res = jax.device_get(sampler(params, tokens_BP, lengths_B, jax.random.fold_in(key, k)))
+    for (i, x), row, n in zip(chunk, res.tokens, res.lengths):
+      out.append((i, x, [int(t) for t in row[: int(n)]]))
+  return out
+
+
 def reward_stats(
   cfg, model: trainer.Model, rm_params, sft_params, tokenizer: Tokenizer, prompts, log_fn
 ) -> dict:
@@ -279,36 +355,20 @@ def reward_stats(
   Returns {"mean", "std", "n", "source": "sft samples"}: PPO divides (reward - mean) by std.
   """
   r = cfg.rm
-  n_new = int(r.stats_max_new_tokens)
-  room = model.cfg.max_seq_len - n_new - 1  # the eos read by the head takes one slot
-  ids = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for p in prompts]
-  ids = [x for x in ids if len(x) <= room][: int(r.stats_samples)]
-  if not ids:
-    raise DataError(
-      f"rm: no train prompt fits model.max_seq_len - rm.stats_max_new_tokens - 1 = {room} tokens"
-    )
-  P = min(-(-max(len(x) for x in ids) // 16) * 16, room)
-  batch = min(int(r.stats_batch), len(ids))
-  sampler = sampling.make_sampler(
-    model.cfg,
-    model.graphdef,
-    eos_id=tokenizer.special_id("end_of_turn"),
-    pad_id=tokenizer.pad_id,
-    max_prompt_len=P,
-    sample_cfg=sampling.SampleConfig(max_new_tokens=n_new, temperature=float(r.stats_temperature)),
-    mesh=model.mesh,
-    params_sharding=heads.split_head(model.shardings)[0],
+  replies = sample_replies(
+    model,
+    sft_params,
+    tokenizer,
+    prompts,
+    max_new_tokens=int(r.stats_max_new_tokens),
+    temperature=float(r.stats_temperature),
+    batch=int(r.stats_batch),
+    seed=int(cfg.train.seed),
+    limit=int(r.stats_samples),
+    what="train",
   )
-  key = jax.random.key(int(cfg.train.seed))
-  seqs = []
-  for k, lo in enumerate(range(0, len(ids), batch)):
-    chunk = ids[lo : lo + batch]
-    tokens_BP, lengths_B = sampling.pad_prompts(
-      chunk + [chunk[0]] * (batch - len(chunk)), tokenizer.pad_id, P
-    )
-    out = jax.device_get(sampler(sft_params, tokens_BP, lengths_B, jax.random.fold_in(key, k)))
-    for prompt_ids, row, n in zip(chunk, out.tokens, out.lengths):
-      seqs.append(comp_data.reward_inputs(tokenizer, prompt_ids, row[: int(n)]))
+  seqs = [comp_data.reward_inputs(tokenizer, x, reply) for _, x, reply in replies]
+  batch = min(int(r.stats_batch), len(seqs))
   scores = np.asarray(score_sequences(model, rm_params, seqs, tokenizer.pad_id, batch_size=batch))
   stats = {
     "mean": float(scores.mean()),
@@ -318,6 +378,46 @@ def reward_stats(
   }
   log_fn(f"[rm] reward over {stats['n']} SFT samples: mean={stats['mean']:.4g} std={stats['std']:.4g}")
   return stats
+
+
+def policy_pairs(
+  cfg, model: trainer.Model, sft_params, tokenizer: Tokenizer, tasks, split: str
+) -> list[dict]:
+  """Comparisons of the SFT model's own mistakes: one reply sampled per task (rm.policy_temperature);
+  each reply the grader marks wrong becomes the rejected side against the reference answer (reason
+  "sampled"). This is InstructGPT's recipe (labelers rank the model's own samples) with the grader as
+  the labeler: the reward model then learns the mistakes PPO's policy actually makes, not only the
+  hand-made ones, which is what keeps PPO from finding them as reward hacks."""
+  r = cfg.rm
+  replies = sample_replies(
+    model,
+    sft_params,
+    tokenizer,
+    [t.messages for t in tasks],
+    max_new_tokens=int(r.stats_max_new_tokens),
+    temperature=float(r.policy_temperature),
+    batch=int(r.stats_batch),
+    seed=int(r.task_seed) + (0 if split == "train" else 1),
+    limit=len(tasks),
+    what=split,
+  )
+  eot = tokenizer.special_id("end_of_turn")
+  rows = []
+  for i, _, reply in replies:
+    task = tasks[i]
+    text = comp_data.reply_text(tokenizer, reply, eot)
+    if not text.strip() or tasks_lib.grade(task, text) > 0 or text == task.answer:
+      continue
+    rows.append(
+      {
+        "prompt": task.messages,
+        "chosen": task.answer,
+        "rejected": text,
+        "kind": task.kind,
+        "reason": "sampled",
+      }
+    )
+  return rows
 
 
 def write_stats(
@@ -365,14 +465,20 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     trainer.save_config(workdir, cfg)
     tokenizer = sft.install_tokenizer(src, workdir, log_fn)
     check_vocab(tokenizer, model_cfg.vocab_size)
-    train_comps, eval_comps = load_data(cfg, workdir, log_fn)
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = trainer.Model.build(model_cfg, mesh, head=True)
+
+    def sampled_pairs(tasks, split):
+      init = src or sft.resolve_init(t.init_from)
+      sft_params = ckpt_lib.restore_params(init.checkpoint, trunk_abstract(model))
+      return policy_pairs(cfg, model, sft_params, tokenizer, tasks, split)
+
+    train_comps, eval_comps = load_data(cfg, workdir, log_fn, sampled_pairs)
     seq_len = int(t.seq_len)
     train_enc = comp_data.encode(train_comps, tokenizer, seq_len, "rm train")
     eval_enc = comp_data.encode(eval_comps, tokenizer, seq_len, "rm eval")
     data_stats = report_data(train_enc, eval_enc, seq_len, log_fn)
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    model = trainer.Model.build(model_cfg, mesh, head=True)
     batch_sh = sharding.batch_sharding(mesh)
     args = dict(global_batch=int(t.global_batch), seq_len=seq_len, sharding=batch_sh)
     # Built before anything compiles: a ranking with more pairs than a batch holds fails here.
