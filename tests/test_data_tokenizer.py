@@ -78,9 +78,9 @@ def test_render_chat_mask(tok):
 
 
 def test_render_chat_errors(tok):
-  with pytest.raises(DataError, match=r"chat message 1: unknown role 'tool'"):
+  with pytest.raises(DataError, match=r"chat: message 1 has unknown role 'tool'"):
     tok.render_chat([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
-  with pytest.raises(DataError, match=r"chat message 0 \(assistant\): empty content"):
+  with pytest.raises(DataError, match=r"chat: message 0 is an empty assistant turn"):
     tok.render_chat([{"role": "assistant", "content": "  "}])
 
 

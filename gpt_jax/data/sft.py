@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import CHAT_ROLES, Tokenizer
+from gpt_jax.data.tokenizer import Tokenizer, check_message
 from gpt_jax.errors import ConfigError, DataError
 
 
@@ -51,13 +51,7 @@ def check_messages(messages, where: str) -> list[dict]:
       raise DataError(
         f"{where}: message {i} is a {type(m).__name__}, expected an object with role and content"
       )
-    role, content = m.get("role"), m.get("content")
-    if role not in CHAT_ROLES:
-      raise DataError(f"{where}: message {i} has unknown role {role!r}; expected one of {CHAT_ROLES}")
-    if not isinstance(content, str):
-      raise DataError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
-    if role == "assistant" and not content.strip():
-      raise DataError(f"{where}: message {i} is an empty assistant turn; nothing to learn")
+    role, content = check_message(i, m, where)
     out.append({"role": role, "content": content})
   if not any(m["role"] == "assistant" for m in out):
     raise DataError(f"{where}: no assistant turn; nothing to learn")

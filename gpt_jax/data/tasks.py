@@ -10,7 +10,7 @@ Four kinds, short enough for a ~1-2M parameter model to learn in a few hundred C
 The split of a prompt is decided by a hash of its text alone (not by the seed), so a held-out prompt
 never appears in training whatever the seeds of the two calls. `grade` is exact match after
 whitespace strip. `comparisons` derives preference pairs from the same tasks: the correct answer
-beats a plausible wrong one (off by one, two elements swapped, truncated), and among correct answers
+beats a plausible wrong one (off by one, two elements swapped, one element too few or too many), and among correct answers
 the bare one beats the same answer wrapped in filler ("rambling").
 """
 
@@ -168,17 +168,20 @@ def sft_conversations(tasks: Iterable[Task]) -> list[list[dict]]:
 
 
 def wrong_answer(task: Task, rng: random.Random) -> str:
-  """A plausible wrong answer: off by one, two elements swapped, or truncated; never equal to the answer."""
+  """A plausible wrong answer: off by one, two elements swapped, one element too few or too many;
+  never equal to the answer."""
   a = task.answer
   if task.kind == "add":
     options = [
       str(int(a) + 1),
       str(int(a) - 1) if int(a) > 0 else str(int(a) + 2),
       a[:-1] or str(int(a) + 10),
+      a + str(rng.randrange(10)),  # one digit too many
     ]
   elif task.kind in ("reverse", "sort"):
     items = a.split(" ")
-    options = [" ".join(items[:-1])]
+    extra = rng.choice(_LETTERS) if task.kind == "reverse" else str(rng.randrange(10))
+    options = [" ".join(items[:-1]), " ".join([*items, extra])]  # one element too few / too many
     for i in range(len(items) - 1):
       if items[i] != items[i + 1]:
         swapped = items[:i] + [items[i + 1], items[i]] + items[i + 2 :]
@@ -187,7 +190,7 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
       options.append(" ".join(reversed(items)))  # echoing the input order is a classic slip
   else:
     i = rng.randrange(len(a))
-    options = [a[:-1], a[:i] + a[i].lower() + a[i + 1 :]]
+    options = [a[:-1], a[:i] + a[i].lower() + a[i + 1 :], a + rng.choice(_LETTERS).upper()]
   options = [o for o in options if o.strip() and o.strip() != a]
   return rng.choice(options) if options else a + " " + a
 

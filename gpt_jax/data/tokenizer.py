@@ -116,15 +116,16 @@ class Tokenizer:
     return self._proto
 
 
-def check_message(i: int, m: dict) -> tuple[str, str]:
-  """Returns (role, content) of chat message i; DataError for an unknown role, non-text or empty reply."""
+def check_message(i: int, m: dict, where: str = "chat") -> tuple[str, str]:
+  """Returns (role, content) of chat message i; DataError naming `where` for an unknown role, non-text
+  content or an empty assistant turn."""
   role, content = m.get("role"), m.get("content")
   if role not in CHAT_ROLES:
-    raise DataError(f"chat message {i}: unknown role {role!r}; expected one of {CHAT_ROLES}")
+    raise DataError(f"{where}: message {i} has unknown role {role!r}; expected one of {CHAT_ROLES}")
   if not isinstance(content, str):
-    raise DataError(f"chat message {i} ({role}): content must be a string, got {type(content).__name__}")
+    raise DataError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
   if role == "assistant" and not content.strip():
-    raise DataError(f"chat message {i} (assistant): empty content; nothing to learn")
+    raise DataError(f"{where}: message {i} is an empty assistant turn; nothing to learn")
   return role, content
 
 
