@@ -314,17 +314,23 @@ def test_export_refuses_inexpressible_configs_and_occupied_dirs(tmp_path):
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Byte-level BPE: naïve café, 東京, emoji 🙂!"] * 20
 
 
-def test_byte_level_bpe_tokenizer(tmp_path):
+def byte_level_bpe(texts, vocab_size: int):
+  """A GPT-2-style byte-level BPE (special token <|endoftext|>) trained on `texts` with `tokenizers`."""
   tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package ships with transformers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-    vocab_size=300,
+    vocab_size=vocab_size,
     special_tokens=["<|endoftext|>"],
     initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
   )
-  tok.train_from_iterator(TEXTS, trainer)
+  tok.train_from_iterator(texts, trainer)
+  return tok
+
+
+def test_byte_level_bpe_tokenizer(tmp_path):
+  tok = byte_level_bpe(TEXTS, 300)
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
 
@@ -424,16 +430,7 @@ def _corpus():
 
 def _gpt2_with_tokenizer(hf_dir):
   """A tiny GPT-2 with its own byte-level BPE (eos <|endoftext|>, no bos, as GPT-2 without a bos_token)."""
-  tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package ships with transformers")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-    vocab_size=320,
-    special_tokens=["<|endoftext|>"],
-    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-  )
-  tok.train_from_iterator(_corpus(), trainer)
+  tok = byte_level_bpe(_corpus(), 320)
   eos = tok.token_to_id("<|endoftext|>")
   cfg = transformers.GPT2Config(
     vocab_size=tok.get_vocab_size(),
