@@ -64,9 +64,9 @@ def jax_runner(args):
   """Builds the sharded train state and jitted step; returns (step_fn, info) where step_fn() runs
   one device-synchronized step."""
   import jax
-  import ml_collections
   import numpy as np
 
+  from gpt_jax import config as config_lib
   from gpt_jax import losses, model, optim, sharding, step, trainer
   from gpt_jax.data import batch as batch_lib
   from gpt_jax.stages import pretrain
@@ -83,20 +83,9 @@ def jax_runner(args):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   graphdef, shapes, axes = model.abstract(cfg)
   params_sh = sharding.tree_shardings(mesh, axes, shapes)
-  optim_cfg = ml_collections.ConfigDict(
-    dict(
-      lr_peak=6e-4,
-      lr_end_ratio=0.1,
-      warmup_steps=10,
-      decay_steps=1000,
-      schedule="cosine",
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      grad_clip_norm=1.0,
-    )
-  )
+  # The project's optimizer defaults (AdamW b2 0.95, decay 0.1, clipping at 1.0) at nanoGPT's peak rate.
+  optim_cfg = config_lib.base_config("pretrain").optim
+  optim_cfg.update(dict(lr_peak=6e-4, warmup_steps=10, decay_steps=1000))
   opt, lr = optim.make(optim_cfg, 1000, axes)
   init = lambda: step.init_state(model.split(cfg, 0)[1], opt, 0)
   state_sh = step.state_shardings(mesh, opt, params_sh, jax.eval_shape(init))

@@ -227,30 +227,22 @@ def read_prompts(path: str, tok: Tokenizer) -> list[Prompt]:
   """JSONL rows {"messages": [...], "answer"?: str, "kind"?: str}; a trailing assistant turn is dropped
   (an SFT file works as is) and is the gold answer unless "answer" is given. DataError names file:line."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not JSON ({e.msg})") from None
-      msgs = row.get("messages") if isinstance(row, dict) else None
-      if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: expected {{'messages': [...]}} with at least one message")
-      answer = row.get("answer")
-      if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-        answer = answer if answer is not None else msgs[-1].get("content")
-        msgs = msgs[:-1]
-      if not msgs or not any(isinstance(m, dict) and m.get("role") == "user" for m in msgs):
-        raise DataError(f"{where}: the prompt has no user turn")
-      try:
-        ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
-      except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-      user = [m for m in msgs if m.get("role") == "user"][-1]["content"]
-      out.append(Prompt(ids, None if answer is None else str(answer), str(row.get("kind", "chat")), user))
+  for where, row in tasks_lib.read_jsonl(path):
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+      raise DataError(f"{where}: expected {{'messages': [...]}} with at least one message")
+    answer = row.get("answer")
+    if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+      answer = answer if answer is not None else msgs[-1].get("content")
+      msgs = msgs[:-1]
+    if not msgs or not any(isinstance(m, dict) and m.get("role") == "user" for m in msgs):
+      raise DataError(f"{where}: the prompt has no user turn")
+    try:
+      ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
+    except DataError as e:
+      raise DataError(f"{where}: {e}") from None
+    user = [m for m in msgs if m.get("role") == "user"][-1]["content"]
+    out.append(Prompt(ids, None if answer is None else str(answer), str(row.get("kind", "chat")), user))
   return out
 
 
