@@ -60,7 +60,7 @@ def _median_ms(times_s: list[float]) -> float:
 # --- JAX ------------------------------------------------------------------------------------------
 
 
-def jax_runner(args):
+def jax_runner(args, attention_impl: str):
   """Builds the sharded train state and jitted step; returns (step_fn, info) where step_fn() runs
   one device-synchronized step."""
   import jax
@@ -74,9 +74,9 @@ def jax_runner(args):
   cfg = model.preset(
     args.preset,
     dtype=args.dtype,
-    scan_layers=not args.unroll,
+    **({"scan_layers": args.layers == "scan"} if args.layers != "preset" else {}),
     remat_policy=args.remat_policy,
-    attention_impl=args.attention_impl,
+    attention_impl=attention_impl,
     **({"max_seq_len": args.seq_len} if args.seq_len else {}),
   )
   T = cfg.max_seq_len
@@ -121,7 +121,7 @@ def jax_runner(args):
     jax.block_until_ready((holder["state"], metrics))
     return metrics
 
-  return run, {"cfg": cfg, "compile_s": compile_s, "device": jax.devices()[0]}
+  return run, {"cfg": cfg, "compile_s": compile_s, "device": jax.devices()[0], "compiled": compiled}
 
 
 def jax_matmul_flops(dtype: str, n: int, reps: int = 5) -> float:
@@ -223,8 +223,17 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=16, help="rows per step")
   p.add_argument("--seq_len", type=int, default=0, help="sequence length (0: the preset's max_seq_len)")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
-  p.add_argument("--attention_impl", default="auto", help="auto | xla | cudnn")
-  p.add_argument("--unroll", action="store_true", help="unroll the layer loop instead of lax.scan")
+  p.add_argument(
+    "--attention_impl",
+    default="auto",
+    help="auto | xla | cudnn | blocked; a comma list times each as its own row",
+  )
+  p.add_argument(
+    "--layers",
+    default="preset",
+    choices=("preset", "scan", "unroll"),
+    help="layer loop: the preset's model.scan_layers, lax.scan, or fully unrolled",
+  )
   p.add_argument("--remat_policy", default="none", help="none | full | dots | dots_no_batch")
   p.add_argument(
     "--xent_chunk",
@@ -265,8 +274,12 @@ def main(argv=None):
   notes: dict[str, str] = {}
   cfg = model.preset(args.preset, **({"max_seq_len": args.seq_len} if args.seq_len else {}))
   info = {}
-  if not args.no_jax:
-    runners["jax (gpt_jax)"], info = jax_runner(args)
+  impls = args.attention_impl.split(",")
+  jax_names = {a: "jax (gpt_jax)" if len(impls) == 1 else f"jax (gpt_jax, attention={a})" for a in impls}
+  for impl in impls if not args.no_jax else ():
+    runners[jax_names[impl]], info_i = jax_runner(args, impl)
+    info.setdefault("compile_s_of", {})[jax_names[impl]] = info_i["compile_s"]
+    info.update({k: v for k, v in info_i.items() if k not in info})
     cfg = info["cfg"]
   torch_threads = None
   if args.nanogpt_dir:
@@ -290,8 +303,9 @@ def main(argv=None):
       del runners[name]
       continue
     notes[name] = f"warm-up {time.perf_counter() - t0:.1f} s"
-  if "compile_s" in info:
-    notes["jax (gpt_jax)"] = f"compile {info['compile_s']:.1f} s; " + notes.get("jax (gpt_jax)", "")
+  for name, compile_s in info.get("compile_s_of", {}).items():
+    if name in notes:
+      notes[name] = f"compile {compile_s:.1f} s; " + notes[name]
 
   # Turns: A B C A B C ... so slow drifts of a shared, noisy machine affect every row alike.
   # Process CPU time per step is kept beside wall time: on a shared machine it moves far less with
@@ -318,8 +332,8 @@ def main(argv=None):
   print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
   print(
     f"config: preset={args.preset} L={cfg.num_layers} H={cfg.num_heads} D={cfg.d_model} "
-    f"T={cfg.max_seq_len} V={cfg.vocab_size} B={args.batch} dtype={args.dtype} scan={cfg.scan_layers} "
-    f"remat={cfg.remat_policy} attention={cfg.attention_impl} document_mask={args.document_mask} "
+    f"T={cfg.max_seq_len} V={cfg.vocab_size} B={args.batch} dtype={args.dtype} scan_layers={cfg.scan_layers} "
+    f"remat={cfg.remat_policy} attention={args.attention_impl} document_mask={args.document_mask} "
     f"xent_chunk={args.xent_chunk}"
   )
   line = (
@@ -335,13 +349,13 @@ def main(argv=None):
   )
   ref = statistics.median(times["torch eager (nanoGPT)"]) if times.get("torch eager (nanoGPT)") else None
   head = (
-    f"{'implementation':<26}{'ms/step':>10}{'min ms':>10}{'tokens/s':>11}{'vs eager':>10}"
+    f"{'implementation':<34}{'ms/step':>10}{'min ms':>10}{'tokens/s':>11}{'vs eager':>10}"
     f"{'CPU ms':>10}{'MFU(spec)':>11}{'MFU(meas)':>11}  notes"
   )
   print(head + "\n" + "-" * len(head))
   for name in list(times) + [n for n in notes if n not in times]:
     if name not in times:
-      print(f"{name:<26}{'-':>10}{'-':>10}{'-':>11}{'-':>10}{'-':>10}{'-':>11}{'-':>11}  {notes[name]}")
+      print(f"{name:<34}{'-':>10}{'-':>10}{'-':>11}{'-':>10}{'-':>10}{'-':>11}{'-':>11}  {notes[name]}")
       continue
     med = statistics.median(times[name])
     tps = tokens / med
@@ -350,7 +364,7 @@ def main(argv=None):
     mfu_meas = f"{100 * tps * fpt / measured:.1f}%"
     cpu_ms = _median_ms(cpu_times[name])
     print(
-      f"{name:<26}{1e3 * med:>10.1f}{1e3 * min(times[name]):>10.1f}{tps:>11.0f}{ratio:>10}{cpu_ms:>10.0f}"
+      f"{name:<34}{1e3 * med:>10.1f}{1e3 * min(times[name]):>10.1f}{tps:>11.0f}{ratio:>10}{cpu_ms:>10.0f}"
       f"{mfu_spec:>11}{mfu_meas:>11}  {notes[name]}"
     )
   mem = jax_peak_memory(device) if not args.no_jax else "-"

@@ -96,6 +96,51 @@ def test_loop_and_remat_do_not_change_results(change):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "B,T,H,K,block", [(2, 40, 4, 4, 16), (2, 32, 6, 3, 8), (1, 17, 4, 1, 128)], ids=["mha", "gqa", "one-block"]
+)
+def test_blocked_attention_equals_one_piece_attention(B, T, H, K, block):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, 8)), jnp.float32) for n in (H, K, K))
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1))
+  mask = jnp.tril(jnp.ones((T, T), bool)) & (seg[:, :, None] == seg[:, None, :])
+
+  @jax.jit
+  def both(q, k, v, m):
+    def ref(q, k, v):
+      return jax.nn.dot_product_attention(
+        q, k, v, is_causal=m is None, mask=None if m is None else m[:, None]
+      )
+
+    got = lambda q, k, v: M.blocked_attention(q, k, v, m, block)
+    out = lambda f: (f(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v))
+    return out(got), out(ref)
+
+  for m in (None, mask):
+    (o_got, g_got), (o_ref, g_ref) = both(q, k, v, m)
+    np.testing.assert_allclose(o_got, o_ref, atol=2e-6)
+    for a, b in zip(g_got, g_ref):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_auto_attention_on_cpu_is_blocked_and_matches_xla(monkeypatch):
+  monkeypatch.setattr(M, "ATTENTION_BLOCK", 8)  # 3 blocks of the 24 tokens
+  cfg = FAMILIES["llama"]  # grouped-query heads and rotary positions
+  g, p = M.split(cfg, 1)
+  g_xla, _ = M.split(dataclasses.replace(cfg, attention_impl="xla"), 1)
+  x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24)))
+  seg = jnp.asarray(np.repeat([[1, 2, 3]], 8, axis=1).repeat(2, axis=0))
+  calls = []
+  monkeypatch.setattr(M, "blocked_attention", lambda *a: calls.append(1) or _BLOCKED(*a))
+  for segments in (None, seg):
+    auto = _apply(g, p, x, None, segments).logits
+    np.testing.assert_allclose(auto, _apply(g_xla, p, x, None, segments).logits, atol=1e-5)
+  assert calls, "attention_impl=auto did not take blocked_attention on CPU"
+
+
+_BLOCKED = M.blocked_attention
+
+
 def test_bfloat16_compute_close_to_float32():
   cfg = FAMILIES["gpt2"]
   g, p = M.split(cfg, 3)
