@@ -1,7 +1,8 @@
 """The decoder-only transformer: GPT-2/GPT-3 and LLaMA families by config, plus presets.
 
 Legend: B batch, T query time, S key time (cache length), D model width, H query heads,
-K key/value heads, Q head dim, F ffn width, V vocabulary, L layers.
+K key/value heads, G query heads per key/value head (H = K * G), Q head dim, F ffn width,
+V vocabulary, L layers; lower-case t is the query time within one block of blocked_attention.
 
 The module is a Flax NNX module used purely functionally: `split(cfg)` gives its static graph and a
 params pytree (a plain nested dict of arrays), and `apply(graphdef, params, ...)` is a pure function
