@@ -99,6 +99,9 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
       ptx_seq_len=64,
       eval_every=5,  # iterations between held-out evaluations (greedy); iteration 0 is the SFT model
       eval_prompts=128,  # held-out prompts per evaluation
+      # > 0: at the first and last evaluation, also k sampled answers (ppo.temperature) per graded
+      # held-out prompt: eval/pass_at_k and eval/sample_accuracy, the headroom of sampling-based RL
+      eval_pass_k=8,
     )
   )
   c.update(overrides)

@@ -220,6 +220,8 @@ def write(workdir: str, cfg=None, *, log_fn=print, compare: bool = True) -> str:
   ppo_dir = os.path.join(workdir, "ppo")
   for key, label in (
     ("eval/gold_accuracy", "held-out gold accuracy"),
+    ("pass_at", "held-out prompts with a correct answer among k samples"),
+    ("eval/sample_accuracy", "held-out sampled answers correct"),
     ("eval/reward", "held-out reward (normalised)"),
     ("ppo/reward_raw", "rollout reward (raw)"),
     ("ppo/kl", "KL to reference per response"),

@@ -178,6 +178,7 @@ def ppo_cfg(sft_dir, rm_dir, **over):
     "ppo.max_new_tokens": 6,
     "ppo.task_train": 32,
     "ppo.eval_prompts": 8,
+    "ppo.eval_pass_k": 2,
     "ppo.eval_every": 2,
     "optim.warmup_steps": 1,
     "train.checkpoint_every": 2,
@@ -246,6 +247,9 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
   full = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), str(tmp_path / "full"), log_fn=quiet)
   assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
   assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
+  for it in (0, 2):  # pass@k at the first and the last evaluation
+    e = full["evals"][it]
+    assert 0.0 <= e["sample_accuracy"] <= e["pass_at_2"] <= min(1.0, 2 * e["sample_accuracy"])
   # The same command, stopped by SIGTERM after iteration 1 (checkpoint written), then run again.
   half = str(tmp_path / "half")
 
@@ -258,6 +262,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
   logs = []
   resumed = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), half, log_fn=logs.append)
   assert any("resumed from iteration 1" in line for line in logs)
+  assert resumed["eval"]["pass_at_2"] == full["eval"]["pass_at_2"]
   for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The checkpoint's "policy" item is a plain model's params (what inference and later stages load).

@@ -59,6 +59,7 @@ PPO_MUTABLE_KEYS = (
   "ppo.iterations",
   "ppo.eval_every",
   "ppo.eval_prompts",
+  "ppo.eval_pass_k",
   "ppo.kl_alarm",
   "ppo.hack_window",
   "ppo.hack_min_change",
@@ -484,6 +485,32 @@ class _Run:
     self.log(f"[ppo] iteration {iteration} eval " + _fmt(result, sorted(result)))
     return result
 
+  def pass_at_k(self, iteration: int, writer) -> dict:
+    """ppo.eval_pass_k sampled answers (at ppo.temperature) per graded held-out prompt.
+
+    eval/pass_at_k is the share of prompts with at least one correct sample, eval/sample_accuracy the
+    share of correct samples. PPO raises the probability of answers the policy already samples, so
+    pass@k of the SFT model (iteration 0) bounds roughly what it can bring to the greedy answers; at
+    the end it shows whether the policy kept its range or collapsed onto fewer answers. The keys are
+    fixed, so the figures are a function of the parameters alone (a resumed run reports the same).
+    """
+    k = int(self.p.eval_pass_k)
+    graded = [q for q in self.eval_prompts if q.answer is not None]
+    if k <= 0 or not graded:
+      return {}
+    flat = [q for q in graded for _ in range(k)]
+    golds = []
+    for lo in range(0, len(flat), self.B):
+      chunk = flat[lo : lo + self.B]
+      full = chunk + [chunk[0]] * (self.B - len(chunk))  # one shape: one compile
+      key = jax.random.fold_in(jax.random.key(1), lo)
+      golds.extend(self.rollout(full, key, greedy=False)[3][: len(chunk)])
+    g_PK = np.asarray(golds, np.float32).reshape(len(graded), k)
+    result = {f"pass_at_{k}": float(g_PK.max(axis=1).mean()), "sample_accuracy": float(g_PK.mean())}
+    writer.write(iteration, result, prefix="eval/")
+    self.log(f"[ppo] iteration {iteration} eval " + _fmt(result, sorted(result)))
+    return result
+
   # -- one iteration
 
   def iteration(self, it: int) -> dict:
@@ -595,7 +622,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
     writer = metrics_lib.MetricWriter(workdir, enabled=r.is_main, tensorboard=bool(cfg.metrics.tensorboard))
     try:
       start = r.load(ckpt)
-      evals = {0: r.evaluate(0, writer)} if start == 0 else {}
+      evals = {0: r.evaluate(0, writer) | r.pass_at_k(0, writer)} if start == 0 else {}
       total = int(p.iterations)
       progress = metrics_lib.Progress(
         total, start, enabled=r.is_main and bool(t.progress_bar), desc="ppo", keys=("reward", "gold", "kl")
@@ -627,7 +654,7 @@ def run(cfg, workdir: str, log_fn=print) -> dict:
               )
             )
           if it % int(p.eval_every) == 0 or it == total:
-            evals[it] = r.evaluate(it, writer)
+            evals[it] = r.evaluate(it, writer) | (r.pass_at_k(it, writer) if it == total else {})
           if it % int(t.checkpoint_every) == 0 or it == total or sigterm.flag:
             r.save(ckpt, it)
           if sigterm.flag:

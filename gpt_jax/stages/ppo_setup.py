@@ -67,7 +67,7 @@ def validate(cfg) -> ModelConfig:
   for key in positive + ("hack_window",):
     if int(p[key]) < 1:
       raise ConfigError(f"ppo.{key}: must be >= 1, got {p[key]}")
-  for key in ("eval_prompts", "task_train", "ptx_batch", "ptx_seq_len"):
+  for key in ("eval_prompts", "eval_pass_k", "task_train", "ptx_batch", "ptx_seq_len"):
     if int(p[key]) < 0:
       raise ConfigError(f"ppo.{key}: must be >= 0, got {p[key]}")
   if float(p.hack_min_change) < 0:
