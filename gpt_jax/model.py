@@ -416,7 +416,8 @@ class Transformer(nnx.Module):
 
     Attention is causal; with segment_ids, tokens attend only within their own segment (packed
     documents). For cached decoding pass `cache` (from `init_cache`), the write offset `cache_index`
-    and an explicit boolean `attn_mask_BTS` over the cache's S slots.
+    and an explicit boolean `attn_mask_BTS` over the cache's S slots. Any mask must be causal: without
+    a cache, blocked attention never scores a key after its query block.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
