@@ -121,7 +121,7 @@ def jax_runner(args, attention_impl: str):
     jax.block_until_ready((holder["state"], metrics))
     return metrics
 
-  return run, {"cfg": cfg, "compile_s": compile_s, "device": jax.devices()[0], "compiled": compiled}
+  return run, {"cfg": cfg, "compile_s": compile_s, "device": jax.devices()[0]}
 
 
 def jax_matmul_flops(dtype: str, n: int, reps: int = 5) -> float:
@@ -273,14 +273,12 @@ def main(argv=None):
   runners: dict[str, object] = {}
   notes: dict[str, str] = {}
   cfg = model.preset(args.preset, **({"max_seq_len": args.seq_len} if args.seq_len else {}))
-  info = {}
+  compile_s: dict[str, float] = {}
   impls = args.attention_impl.split(",")
-  jax_names = {a: "jax (gpt_jax)" if len(impls) == 1 else f"jax (gpt_jax, attention={a})" for a in impls}
   for impl in impls if not args.no_jax else ():
-    runners[jax_names[impl]], info_i = jax_runner(args, impl)
-    info.setdefault("compile_s_of", {})[jax_names[impl]] = info_i["compile_s"]
-    info.update({k: v for k, v in info_i.items() if k not in info})
-    cfg = info["cfg"]
+    name = "jax (gpt_jax)" if len(impls) == 1 else f"jax (gpt_jax, attention={impl})"
+    runners[name], info = jax_runner(args, impl)
+    compile_s[name], cfg = info["compile_s"], info["cfg"]
   torch_threads = None
   if args.nanogpt_dir:
     import torch
@@ -303,9 +301,9 @@ def main(argv=None):
       del runners[name]
       continue
     notes[name] = f"warm-up {time.perf_counter() - t0:.1f} s"
-  for name, compile_s in info.get("compile_s_of", {}).items():
+  for name, seconds in compile_s.items():
     if name in notes:
-      notes[name] = f"compile {compile_s:.1f} s; " + notes[name]
+      notes[name] = f"compile {seconds:.1f} s; " + notes[name]
 
   # Turns: A B C A B C ... so slow drifts of a shared, noisy machine affect every row alike.
   # Process CPU time per step is kept beside wall time: on a shared machine it moves far less with

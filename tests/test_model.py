@@ -130,15 +130,12 @@ def test_auto_attention_on_cpu_is_blocked_and_matches_xla(monkeypatch):
   g_xla, _ = M.split(dataclasses.replace(cfg, attention_impl="xla"), 1)
   x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24)))
   seg = jnp.asarray(np.repeat([[1, 2, 3]], 8, axis=1).repeat(2, axis=0))
-  calls = []
-  monkeypatch.setattr(M, "blocked_attention", lambda *a: calls.append(1) or _BLOCKED(*a))
+  calls, blocked = [], M.blocked_attention
+  monkeypatch.setattr(M, "blocked_attention", lambda *a: calls.append(1) or blocked(*a))
   for segments in (None, seg):
     auto = _apply(g, p, x, None, segments).logits
     np.testing.assert_allclose(auto, _apply(g_xla, p, x, None, segments).logits, atol=1e-5)
   assert calls, "attention_impl=auto did not take blocked_attention on CPU"
-
-
-_BLOCKED = M.blocked_attention
 
 
 def test_bfloat16_compute_close_to_float32():

@@ -417,15 +417,13 @@ class _Run:
   def _trunk(self):
     return heads.split_head(self.state["params"]["policy"])[0]
 
-  def rollout(self, prompts, key, greedy: bool):
-    """Samples answers to `prompts` (B of them) and scores them.
+  def sample(self, prompts, key, greedy: bool):
+    """Samples answers to `prompts` (B of them) with the policy and grades them.
 
-    Returns (host rows, host SampleOutput, reply texts, gold scores (nan: no answer), host experience,
-    generate s, score s)."""
+    Returns (padded prompt tokens, their lengths, host SampleOutput, reply texts, gold scores
+    (nan: no answer))."""
     tokens_BP, lengths_B = sampling.pad_prompts([q.ids for q in prompts], self.tok.pad_id, self.P)
-    t0 = time.perf_counter()
     out = jax.device_get(self.samplers[greedy](self._trunk(), tokens_BP, lengths_B, key))
-    t1 = time.perf_counter()
     texts = [
       comp_data.reply_text(self.tok, out.tokens[i][: int(out.lengths[i])], self.eot)
       for i in range(len(prompts))
@@ -434,6 +432,16 @@ class _Run:
       [np.nan if q.answer is None else tasks_lib.grade_text(q.answer, x) for q, x in zip(prompts, texts)],
       np.float32,
     )
+    return tokens_BP, lengths_B, out, texts, golds
+
+  def rollout(self, prompts, key, greedy: bool):
+    """Samples answers to `prompts` (B of them) and scores them.
+
+    Returns (host rows, host SampleOutput, reply texts, gold scores (nan: no answer), host experience,
+    generate s, score s)."""
+    t0 = time.perf_counter()
+    tokens_BP, lengths_B, out, texts, golds = self.sample(prompts, key, greedy)
+    t1 = time.perf_counter()
     mask = np.asarray(out.response_mask, np.float32)
     rows = rl.rollout_layout(tokens_BP, lengths_B, out.tokens, mask, self.tok.eos_id)
     rows["response_mask"] = mask
@@ -504,7 +512,7 @@ class _Run:
       chunk = flat[lo : lo + self.B]
       full = chunk + [chunk[0]] * (self.B - len(chunk))  # one shape: one compile
       key = jax.random.fold_in(jax.random.key(1), lo)
-      golds.extend(self.rollout(full, key, greedy=False)[3][: len(chunk)])
+      golds.extend(self.sample(full, key, greedy=False)[4][: len(chunk)])  # graded only: no scoring pass
     g_PK = np.asarray(golds, np.float32).reshape(len(graded), k)
     result = {f"pass_at_{k}": float(g_PK.max(axis=1).mean()), "sample_accuracy": float(g_PK.mean())}
     writer.write(iteration, result, prefix="eval/")
