@@ -112,10 +112,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg not in _PRESETS:
     raise ValueError(f"experiments/ppo.py: unknown preset {arg!r}; known: {', '.join(_PRESETS)}")
   sft_name, ppo, optim = _PRESETS[arg]
-  # The policy must be exactly the SFT model: take it from that config file.
-  sft = config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"sft.py:{sft_name}"))
-  cfg = config_lib.base_config("ppo")
-  cfg.model = ml_collections.ConfigDict(sft.model.to_dict())
+  # The policy is exactly the SFT model.
+  here = os.path.dirname(os.path.abspath(__file__))
+  cfg = config_lib.stage_config("ppo", os.path.join(here, f"sft.py:{sft_name}"))
   # PPO counts iterations, not steps over a dataset: drop the train keys it does not read.
   for key in ("steps", "global_batch", "seq_len", "eval_every", "eval_batches", "init_from"):
     del cfg.train[key]

@@ -99,12 +99,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg not in _PRESETS:
     raise ValueError(f"experiments/rm.py: unknown preset {arg!r}; known: {', '.join(_PRESETS)}")
   pretrain_name, train, optim, rm = _PRESETS[arg]
-  # The model must be exactly the SFT (= pretraining) one: take it from that config file.
-  pre = config_lib.load(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), f"pretrain.py:{pretrain_name}")
-  )
-  cfg = config_lib.base_config("rm")
-  cfg.model = ml_collections.ConfigDict(pre.model.to_dict())
+  # The model is exactly the SFT (= pretraining) one.
+  here = os.path.dirname(os.path.abspath(__file__))
+  cfg = config_lib.stage_config("rm", os.path.join(here, f"pretrain.py:{pretrain_name}"))
   cfg.train.update(train)
   cfg.optim.update(dict(schedule="cosine", lr_end_ratio=0.1))
   cfg.optim.update(optim)

@@ -91,6 +91,14 @@ def model_config_dict(preset_name: str, **overrides) -> ml_collections.ConfigDic
   return ml_collections.ConfigDict(dataclasses.asdict(cfg))
 
 
+def stage_config(stage: str, model_from: str) -> ml_collections.ConfigDict:
+  """base_config(stage) with the model of the config `model_from` (`FILE:ARG`, e.g. the pretraining
+  preset an SFT preset finetunes): a later stage's model is exactly its starting checkpoint's."""
+  cfg = base_config(stage)
+  cfg.model = ml_collections.ConfigDict(load(model_from).model.to_dict())
+  return cfg
+
+
 def load(spec: str, overrides: list[str] | dict | None = None) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py:ARG` (get_config(ARG)), applies overrides, and locks the config.
 
@@ -182,6 +190,37 @@ def check_resume(saved: dict, current: dict, what: str = "workdir") -> list[str]
   return [k for k, _, _ in diffs]
 
 
+# --- checks shared by the stages' validate() (each raises a ConfigError naming `<section>.<key>`) ---
+
+
+def check_at_least(section, name: str, bounds: dict[str, float]) -> None:
+  """Every key of `bounds` is at least its bound."""
+  for key, lo in bounds.items():
+    if section[key] < lo:
+      raise ConfigError(f"{name}.{key}: must be >= {lo}, got {section[key]}")
+
+
+def check_room_for_prompt(section, name: str, key: str, max_seq_len: int, reserve: int = 0) -> None:
+  """A generation length (`key` new tokens plus `reserve`) leaves at least one position for a prompt."""
+  if int(section[key]) + reserve >= max_seq_len:
+    raise ConfigError(
+      f"{name}.{key}: {section[key]} leaves no room for a prompt in model.max_seq_len={max_seq_len}"
+    )
+
+
+def data_shards(cfg, n_devices: int) -> int:
+  """The number of data-parallel shards (mesh.data * mesh.fsdp, -1 filled in from the device count)
+  that every batch's rows are split over; ConfigError when the mesh does not fit the devices."""
+  sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if -1 not in sizes.values() and fixed != n_devices:
+    raise ConfigError(f"mesh: data*fsdp*tensor = {fixed} ({sizes}) but there are {n_devices} devices")
+  if -1 in sizes.values() and (fixed <= 0 or n_devices % fixed):
+    raise ConfigError(f"mesh: {n_devices} devices cannot be split into {sizes}")
+  free = n_devices // fixed
+  return (sizes["data"] if sizes["data"] != -1 else free) * (sizes["fsdp"] if sizes["fsdp"] != -1 else free)
+
+
 def validate_train(cfg, n_devices: int) -> None:
   """Checks the shared training keys against each other and the device count (one-line errors)."""
   t, o, m = cfg.train, cfg.optim, cfg.model
@@ -199,15 +238,7 @@ def validate_train(cfg, n_devices: int) -> None:
     raise ConfigError(
       f"train.grad_accum: {t.grad_accum} must be positive and divide train.global_batch={t.global_batch}"
     )
-  sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if -1 not in sizes.values() and fixed != n_devices:
-    raise ConfigError(f"mesh: data*fsdp*tensor = {fixed} ({sizes}) but there are {n_devices} devices")
-  if -1 in sizes.values() and (fixed <= 0 or n_devices % fixed):
-    raise ConfigError(f"mesh: {n_devices} devices cannot be split into {sizes}")
-  batch_shards = (sizes["data"] if sizes["data"] != -1 else n_devices // fixed) * (
-    sizes["fsdp"] if sizes["fsdp"] != -1 else n_devices // fixed
-  )
+  batch_shards = data_shards(cfg, n_devices)
   micro = t.global_batch // t.grad_accum
   if micro % batch_shards:
     raise ConfigError(

@@ -78,6 +78,23 @@ def spec_from_config(section, name: str) -> TaskSpec:
     raise ConfigError(f"{name}.{e}") from None
 
 
+def check_data_section(section, name: str, embedded: str) -> None:
+  """The data keys of a stage whose default data are the embedded tasks (cfg.sft, cfg.rm): data_path /
+  eval_path are files that exist, eval_path comes with a data_path, eval_fraction is in (0, 1), and
+  without data_path the task_* knobs are valid. ConfigError / DataError name `<name>.<key>`."""
+  if not 0.0 < float(section.eval_fraction) < 1.0:
+    raise ConfigError(f"{name}.eval_fraction: must be in (0, 1), got {section.eval_fraction}")
+  for key in ("data_path", "eval_path"):
+    if section[key] and not os.path.isfile(section[key]):
+      raise DataError(f"{name}.{key}: file {section[key]} does not exist")
+  if section.eval_path and not section.data_path:
+    raise ConfigError(
+      f"{name}.eval_path: given without {name}.data_path (the embedded {embedded} bring their own eval split)"
+    )
+  if not section.data_path:
+    spec_from_config(section, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One graded prompt: `question` is the user turn, `answer` the exact reference reply."""

@@ -64,14 +64,11 @@ def validate(cfg) -> ModelConfig:
     "eval_every",
     "kl_horizon",
   )
-  for key in positive + ("hack_window",):
-    if int(p[key]) < 1:
-      raise ConfigError(f"ppo.{key}: must be >= 1, got {p[key]}")
-  for key in ("eval_prompts", "eval_pass_k", "task_train", "ptx_batch", "ptx_seq_len"):
-    if int(p[key]) < 0:
-      raise ConfigError(f"ppo.{key}: must be >= 0, got {p[key]}")
-  if float(p.hack_min_change) < 0:
-    raise ConfigError(f"ppo.hack_min_change: must be >= 0, got {p.hack_min_change}")
+  config_lib.check_at_least(p, "ppo", dict.fromkeys((*positive, "hack_window"), 1))
+  config_lib.check_at_least(
+    p, "ppo", dict.fromkeys(("eval_prompts", "eval_pass_k", "task_train", "ptx_batch", "ptx_seq_len"), 0)
+  )
+  config_lib.check_at_least(p, "ppo", {"hack_min_change": 0.0})
   for key in ("clip", "value_clip", "target_kl", "kl_alarm"):
     if not float(p[key]) > 0:
       raise ConfigError(f"ppo.{key}: must be > 0, got {p[key]}")
@@ -97,15 +94,12 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(
       f"ppo.ptx_batch: {p.ptx_batch} must be >= 1 and divisible by train.grad_accum={t.grad_accum}"
     )
-  for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
-    if int(t[key]) < 1:
-      raise ConfigError(f"train.{key}: must be >= 1, got {t[key]}")
+  config_lib.check_at_least(
+    t, "train", dict.fromkeys(("checkpoint_every", "keep_checkpoints", "log_every"), 1)
+  )
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")
-  if int(p.max_new_tokens) >= model_cfg.max_seq_len:
-    raise ConfigError(
-      f"ppo.max_new_tokens: {p.max_new_tokens} leaves no room for a prompt in model.max_seq_len={model_cfg.max_seq_len}"
-    )
+  config_lib.check_room_for_prompt(p, "ppo", "max_new_tokens", model_cfg.max_seq_len)
   optim.schedule(cfg.optim, int(p.iterations) * int(p.epochs) * (int(p.rollout_batch) // int(p.minibatch)))
   for key in ("prompts", "eval_path", "ptx_path"):
     if p[key] and not os.path.isfile(p[key]):
@@ -115,12 +109,7 @@ def validate(cfg) -> ModelConfig:
 
 def check_mesh(cfg, n_devices: int) -> int:
   """Returns the number of data-parallel shards; ConfigError when a batch does not split over them."""
-  sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if fixed <= 0 or n_devices % fixed or (-1 not in sizes.values() and fixed != n_devices):
-    raise ConfigError(f"mesh: {n_devices} devices cannot be split into {sizes}")
-  free = n_devices // fixed
-  shards = (sizes["data"] if sizes["data"] != -1 else free) * (sizes["fsdp"] if sizes["fsdp"] != -1 else free)
+  shards = config_lib.data_shards(cfg, n_devices)
   p = cfg.ppo
   for key, n in (
     ("rollout_batch", int(p.rollout_batch)),

@@ -59,19 +59,19 @@ def validate(cfg) -> ModelConfig:
     )
   if float(r.center_coef) < 0:
     raise ConfigError(f"rm.center_coef: must be >= 0, got {r.center_coef}")
-  if not 0.0 < float(r.eval_fraction) < 1.0:
-    raise ConfigError(f"rm.eval_fraction: must be in (0, 1), got {r.eval_fraction}")
-  for key, lo in (
-    ("task_train", 1),
-    ("task_eval", 1),
-    ("stats_samples", 0),
-    ("stats_max_new_tokens", 1),
-    ("stats_batch", 1),
-    ("policy_train", 0),
-    ("policy_eval", 0),
-  ):
-    if int(r[key]) < lo:
-      raise ConfigError(f"rm.{key}: must be >= {lo}, got {r[key]}")
+  config_lib.check_at_least(
+    r,
+    "rm",
+    dict(
+      task_train=1,
+      task_eval=1,
+      stats_samples=0,
+      stats_max_new_tokens=1,
+      stats_batch=1,
+      policy_train=0,
+      policy_eval=0,
+    ),
+  )
   if r.data_path and (int(r.policy_train) or int(r.policy_eval)):
     raise ConfigError(
       "rm.policy_train: the SFT model's graded mistakes need the embedded tasks (rm.data_path '')"
@@ -85,22 +85,11 @@ def validate(cfg) -> ModelConfig:
     )
   if float(r.stats_temperature) < 0:
     raise ConfigError(f"rm.stats_temperature: must be >= 0 (0 is greedy), got {r.stats_temperature}")
-  if int(r.stats_max_new_tokens) + 2 >= model_cfg.max_seq_len:
-    raise ConfigError(
-      f"rm.stats_max_new_tokens: {r.stats_max_new_tokens} leaves no room for a prompt in model.max_seq_len="
-      f"{model_cfg.max_seq_len}"
-    )
+  # +2: the eos that the reward head reads after each reply takes a slot too (sample_replies)
+  config_lib.check_room_for_prompt(r, "rm", "stats_max_new_tokens", model_cfg.max_seq_len, reserve=2)
   if not 0.0 <= float(r.rambling_fraction) <= 1.0:
     raise ConfigError(f"rm.rambling_fraction: must be in [0, 1], got {r.rambling_fraction}")
-  for key in ("data_path", "eval_path"):
-    if r[key] and not os.path.isfile(r[key]):
-      raise DataError(f"rm.{key}: file {r[key]} does not exist")
-  if r.eval_path and not r.data_path:
-    raise ConfigError(
-      "rm.eval_path: given without rm.data_path (the embedded comparisons bring their own eval split)"
-    )
-  if not r.data_path:
-    task_spec(r)
+  tasks_lib.check_data_section(r, "rm", "comparisons")
   return model_cfg
 
 

@@ -78,31 +78,11 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError("train.init_from: required; set it to the pretraining workdir (or its checkpoints dir)")
   if s.too_long not in ("drop", "truncate"):
     raise ConfigError(f"sft.too_long: must be 'drop' or 'truncate', got {s.too_long!r}")
-  for key, lo in (
-    ("eval_samples", 0),
-    ("max_new_tokens", 1),
-    ("sample_batch", 1),
-    ("task_train", 1),
-    ("task_eval", 1),
-  ):
-    if int(s[key]) < lo:
-      raise ConfigError(f"sft.{key}: must be >= {lo}, got {s[key]}")
-  if int(s.max_new_tokens) >= model_cfg.max_seq_len:
-    raise ConfigError(
-      f"sft.max_new_tokens: {s.max_new_tokens} leaves no room for a prompt in model.max_seq_len="
-      f"{model_cfg.max_seq_len}"
-    )
-  if not 0.0 < float(s.eval_fraction) < 1.0:
-    raise ConfigError(f"sft.eval_fraction: must be in (0, 1), got {s.eval_fraction}")
-  for key in ("data_path", "eval_path"):
-    if s[key] and not os.path.isfile(s[key]):
-      raise DataError(f"sft.{key}: file {s[key]} does not exist")
-  if s.eval_path and not s.data_path:
-    raise ConfigError(
-      "sft.eval_path: given without sft.data_path (the embedded tasks bring their own eval split)"
-    )
-  if not s.data_path:
-    task_spec(s)
+  config_lib.check_at_least(
+    s, "sft", dict(eval_samples=0, max_new_tokens=1, sample_batch=1, task_train=1, task_eval=1)
+  )
+  config_lib.check_room_for_prompt(s, "sft", "max_new_tokens", model_cfg.max_seq_len)
+  tasks_lib.check_data_section(s, "sft", "tasks")
   return model_cfg
 
 
