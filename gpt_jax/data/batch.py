@@ -14,7 +14,12 @@ Comparison batches (reward modeling) and rollout batches (PPO) add their own key
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import numpy as np
+
+from gpt_jax.errors import DataError
 
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {
@@ -57,3 +62,49 @@ def from_windows(windows_BT1: np.ndarray, eot_id: int, document_mask: bool = Tru
     "segment_ids": segment_ids,
     "loss_mask": np.ones((B, T), np.float32),
   }
+
+
+def to_global(host: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """A whole global batch in numpy, built alike on every process -> global jax.Arrays. `sharding` is a
+  Sharding or a function ndim -> Sharding; each process hands over only the slices its devices hold."""
+  shard: Callable = sharding if callable(sharding) else (lambda ndim: sharding)
+  if jax.process_count() == 1:
+    return {k: jax.device_put(v, shard(v.ndim)) for k, v in host.items()}
+  return {
+    k: jax.make_array_from_callback(v.shape, shard(v.ndim), lambda i, v=v: v[i]) for k, v in host.items()
+  }
+
+
+class EpochIndexLoader:
+  """What the in-memory loaders (SFT conversations, comparisons) share: the position is {"epoch",
+  "index"}, host_batch() builds the next global batch (the same on every process: building it costs far
+  less than a step) and advances the position, and iteration puts it on the devices under `sharding`."""
+
+  name = "loader"  # in error messages
+  sharding = None
+  _epoch = _index = 0
+
+  def host_batch(self) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return to_global(self.host_batch(), self.sharding)
+
+  def get_state(self) -> dict:
+    """{"epoch", "index"}: where the next batch starts (see the loader's docstring)."""
+    return {"epoch": int(self._epoch), "index": int(self._index)}
+
+  def set_state(self, state: dict) -> None:
+    try:
+      epoch, index = int(state["epoch"]), int(state["index"])
+    except (KeyError, TypeError, ValueError):
+      raise DataError(f"{self.name} state {state!r}: expected {{'epoch': int, 'index': int}}") from None
+    if epoch < 0 or index < 0:
+      raise DataError(f"{self.name} state {state!r}: epoch and index must be >= 0")
+    self._epoch, self._index = epoch, index
+
+  def close(self) -> None:
+    """Nothing to stop (no background thread)."""

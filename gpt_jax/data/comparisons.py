@@ -30,9 +30,9 @@ import json
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
+from gpt_jax.data import batch as batch_lib
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.data.tokenizer import CHAT_ROLES, Tokenizer
@@ -302,7 +302,7 @@ def interleave_for_accum(batch: dict[str, np.ndarray], grad_accum: int) -> dict[
   }
 
 
-class ComparisonLoader:
+class ComparisonLoader(batch_lib.EpochIndexLoader):
   """Iterator of comparison batches (dict of jax.Arrays, see the module docstring); state {"epoch", "index"}.
 
   Each epoch shuffles the prompts (groups) with (seed, epoch) and packs them first fit into batches of
@@ -310,6 +310,8 @@ class ComparisonLoader:
   padding pairs (pair_mask 0). The sequence is a pure function of (seed, epoch, index): exact resume.
   With repeat=False (eval) iteration stops after one pass.
   """
+
+  name = "comparison loader"
 
   def __init__(
     self,
@@ -369,32 +371,3 @@ class ComparisonLoader:
       self._epoch, self._index = self._epoch + 1, 0
     batch = pairs_to_batch(self.enc, pairs, self.n_pairs, self.T)
     return interleave_for_accum(batch, self.grad_accum)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, jax.Array]:
-    host = self.host_batch()
-    if jax.process_count() == 1:
-      return jax.device_put(host, self.sharding)
-    # Every process builds the same global batch and hands over the slices its devices hold.
-    return {
-      k: jax.make_array_from_callback(v.shape, self.sharding, lambda idx, v=v: v[idx])
-      for k, v in host.items()
-    }
-
-  def get_state(self) -> dict:
-    """{"epoch", "index"}: the next batch is batch `index` of epoch `epoch`."""
-    return {"epoch": int(self._epoch), "index": int(self._index)}
-
-  def set_state(self, state: dict) -> None:
-    try:
-      epoch, index = int(state["epoch"]), int(state["index"])
-    except (KeyError, TypeError, ValueError):
-      raise DataError(f"comparison loader state {state!r}: expected {{'epoch': int, 'index': int}}") from None
-    if epoch < 0 or index < 0:
-      raise DataError(f"comparison loader state {state!r}: epoch and index must be >= 0")
-    self._epoch, self._index = epoch, index
-
-  def close(self) -> None:
-    """Nothing to stop (no background thread)."""

@@ -19,9 +19,9 @@ import json
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
+from gpt_jax.data import batch as batch_lib
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.data.tokenizer import Tokenizer, check_message
 from gpt_jax.errors import ConfigError, DataError
@@ -220,7 +220,7 @@ def rows_to_batch(enc: Encoded, rows: Sequence[Sequence[int]], seq_len: int) -> 
 # --- loader -------------------------------------------------------------------------------------
 
 
-class SftLoader:
+class SftLoader(batch_lib.EpochIndexLoader):
   """Iterator of global batches (dict of jax.Arrays in the batch schema); state {"epoch", "index"}.
 
   Epoch e packs the conversations in a permutation drawn from (seed, e) (no shuffle: file order);
@@ -228,6 +228,8 @@ class SftLoader:
   next, so the whole sequence is a pure function of (seed, epoch, index) and resumes exactly.
   With repeat=False (eval) iteration stops after one pass, the last batch filled with padding rows.
   """
+
+  name = "sft loader"
 
   def __init__(
     self,
@@ -277,32 +279,3 @@ class SftLoader:
     picked += [[]] * (self.B - len(picked))  # padding rows: loss_mask 0
     self._epoch, self._index = epoch, index
     return rows_to_batch(self.enc, picked, self.T)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, jax.Array]:
-    host = self.host_batch()
-    if jax.process_count() == 1:
-      return jax.device_put(host, self.sharding)
-    # Every process packs the same (cheap) global batch, then hands over the slices its devices hold.
-    shape = (self.B, self.T)
-    return {
-      k: jax.make_array_from_callback(shape, self.sharding, lambda idx, v=v: v[idx]) for k, v in host.items()
-    }
-
-  def get_state(self) -> dict:
-    """{"epoch", "index"}: the next batch starts at row `index` of epoch `epoch`."""
-    return {"epoch": int(self._epoch), "index": int(self._index)}
-
-  def set_state(self, state: dict) -> None:
-    try:
-      epoch, index = int(state["epoch"]), int(state["index"])
-    except (KeyError, TypeError, ValueError):
-      raise DataError(f"sft loader state {state!r}: expected {{'epoch': int, 'index': int}}") from None
-    if epoch < 0 or index < 0:
-      raise DataError(f"sft loader state {state!r}: epoch and index must be >= 0")
-    self._epoch, self._index = epoch, index
-
-  def close(self) -> None:
-    """Nothing to stop (no background thread: packing a batch costs far less than a step)."""

@@ -46,6 +46,7 @@ from gpt_jax import distributed, heads, losses, optim, rl, sampling, sharding, t
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
 from gpt_jax import step as step_lib
+from gpt_jax.data import batch as batch_lib
 from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
@@ -210,15 +211,6 @@ def make_loss_fn(policy, value, *, P, N, p):
 
 
 # --- host-side helpers ------------------------------------------------------------------------------
-
-
-def _to_device(host: dict, shard) -> dict:
-  """numpy (B, ...) arrays -> global jax.Arrays sharded as `shard(ndim)` says (each process keeps its rows)."""
-  if jax.process_count() == 1:
-    return {k: jax.device_put(v, shard(v.ndim)) for k, v in host.items()}
-  return {
-    k: jax.make_array_from_callback(v.shape, shard(v.ndim), lambda i, v=v: v[i]) for k, v in host.items()
-  }
 
 
 def save_config(workdir: str, cfg) -> None:
@@ -447,7 +439,7 @@ class _Run:
     rows["response_mask"] = mask
     rows["ended"] = ((out.tokens == self.eot) & (mask > 0)).any(axis=1).astype(np.float32)
     rows["gold"] = np.nan_to_num(golds)
-    dev = _to_device(rows, lambda nd: sharding.batch_sharding(self.mesh, nd))
+    dev = batch_lib.to_global(rows, lambda nd: sharding.batch_sharding(self.mesh, nd))
     exp = jax.device_get(
       self.experience(self.state["params"], self.ref_params, self.rm_params, dev, jnp.float32(self.kl_coef))
     )
@@ -544,7 +536,7 @@ class _Run:
         batch = {k: v[perm[lo : lo + mb]] for k, v in host.items()}
         if self.ptx is not None:
           batch.update({f"ptx_{k}": v for k, v in self.ptx.host_batch().items()})
-        dev = _to_device(batch, lambda nd: sharding.batch_sharding(self.mesh, nd))
+        dev = batch_lib.to_global(batch, lambda nd: sharding.batch_sharding(self.mesh, nd))
         self.state, m = self.train_step(self.state, dev)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)
