@@ -3,10 +3,12 @@
 tiny_data_config(root) writes, deterministically, under root:
   code/*.py        stdlib modules, one document per file          (format text)
   docs/topics.md   reference topics joined by a separator line     (format markdown, separator)
-  web/part-*.jsonl package descriptions, one JSON object per line  (format jsonl)
-  web/extra.parquet more descriptions in a parquet column         (written only when pyarrow exists)
+  web/part-*.jsonl paragraphs of further reference topics, one JSON object per line (format jsonl)
+  web/extra.parquet more such paragraphs in a parquet column       (written only when pyarrow exists)
 and returns a data config over them with a small vocabulary and small shards, so that prepare()
-finishes in a few seconds on a laptop CPU.
+finishes in a few seconds on a laptop CPU. Every document comes from the Python standard library, so
+the corpus (and which documents its hash split holds out) depends on the Python version alone; the
+installed packages' descriptions would make it differ from one virtual environment to the next.
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ def tiny_data_config(root: str, *, docs_per_source: int = 24, max_chars: int = 6
     for i, doc in enumerate(_embedded("stdlib_code", docs_per_source, max_chars)):
       with open(os.path.join(code_dir, f"m{i:03d}.py"), "w", encoding="utf-8") as f:
         f.write(doc)
+  topics = _embedded("pydoc_topics", 4 * docs_per_source, max_chars)
   if not os.path.isdir(docs_dir):
     os.makedirs(docs_dir)
     with open(os.path.join(docs_dir, "topics.md"), "w", encoding="utf-8") as f:
-      f.write(SEPARATOR.join(_embedded("pydoc_topics", docs_per_source, max_chars)))
+      f.write(SEPARATOR.join(topics[:docs_per_source]))
   if not os.path.isdir(web_dir):
     os.makedirs(web_dir)
-    web = _embedded("package_descriptions", 2 * docs_per_source, max_chars, min_chars=200)
+    # Paragraphs of the topics the docs source leaves over: many short documents, so that the hash
+    # split very likely holds some out of each web file, whatever the Python version's topics are.
+    paragraphs = (p.strip() for t in topics[docs_per_source:] for p in t.split("\n\n"))
+    web = list(itertools.islice((p for p in paragraphs if len(p) >= 200), 4 * docs_per_source))
     half = len(web) // 2
     for part in range(2):
       rows = web[part * half // 2 : (part + 1) * half // 2]
