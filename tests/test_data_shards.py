@@ -107,7 +107,7 @@ def test_corrupt_and_truncated_shards_are_refused_then_rebuilt(built, tmp_path):
   with open(shard, "r+b") as f:  # same size, other bytes: only the hash sees it
     f.seek(100)
     f.write(b"\xff\xff\xff\xff")
-  other = os.path.join(wd, "shards", "train", "web", "00001.bin")
+  other = os.path.join(wd, "shards", "train", "web", "00000.bin")
   with open(other, "r+b") as f:
     f.truncate(1000)
   moved = type(p)(**{**p.__dict__, "workdir": wd})
