@@ -60,7 +60,7 @@ def _median_ms(times_s: list[float]) -> float:
 # --- JAX ------------------------------------------------------------------------------------------
 
 
-def jax_runner(args, attention_impl: str):
+def jax_runner(args, attention_impl: str, accum: int = 1):
   """Builds the sharded train state and jitted step; returns (step_fn, info) where step_fn() runs
   one device-synchronized step."""
   import jax
@@ -107,7 +107,7 @@ def jax_runner(args, attention_impl: str):
 
   batch_sh = sharding.batch_sharding(mesh, 2)
   train_step = step.make_train_step(
-    loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh
+    loss_fn, opt, lr, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=accum
   )
   windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, T + 1))
   batch = jax.device_put(batch_lib.from_windows(windows, 0, args.document_mask), batch_sh)
@@ -150,7 +150,7 @@ def jax_peak_memory(device) -> str:
 # --- PyTorch reference (nanoGPT) -------------------------------------------------------------------
 
 
-def torch_runner(args, cfg, compile_model: bool):
+def torch_runner(args, cfg, compile_model: bool, accum: int = 1):
   """nanoGPT's GPT at cfg's shapes with its own configure_optimizers (AdamW), one full step per
   call: forward, backward, grad-norm clipping at 1.0 (as nanoGPT's train.py), update."""
   import torch
@@ -181,9 +181,11 @@ def torch_runner(args, cfg, compile_model: bool):
   amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
   def run():
-    with amp:
-      _, loss = fwd(x, y)
-    loss.backward()
+    # accum > 1: nanoGPT train.py's gradient accumulation (micro-batches, loss / accum each).
+    for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
+      with amp:
+        _, loss = fwd(xm, ym)
+      (loss / accum).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -242,6 +244,12 @@ def parse_args(argv=None):
     help="time steps per chunk of the chunked cross-entropy (0: full logits, as pretraining)",
   )
   p.add_argument("--document_mask", action="store_true", help="time the packed-documents attention path")
+  p.add_argument(
+    "--grad_accum",
+    default="1",
+    help="micro-batches per step (train.grad_accum; nanoGPT's gradient_accumulation_steps for the "
+    "PyTorch rows); a comma list times each as its own row",
+  )
   p.add_argument("--rounds", type=int, default=5, help="turns each implementation takes")
   p.add_argument("--steps", type=int, default=2, help="timed steps per turn")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
@@ -275,18 +283,28 @@ def main(argv=None):
   cfg = model.preset(args.preset, **({"max_seq_len": args.seq_len} if args.seq_len else {}))
   compile_s: dict[str, float] = {}
   impls = args.attention_impl.split(",")
+  accums = [int(a) for a in args.grad_accum.split(",")]
+  if any(a < 1 or args.batch % a for a in accums):
+    sys.exit(f"--grad_accum: each of {args.grad_accum} must be >= 1 and divide --batch={args.batch}")
+
   for impl in impls if not args.no_jax else ():
-    name = "jax (gpt_jax)" if len(impls) == 1 else f"jax (gpt_jax, attention={impl})"
-    runners[name], info = jax_runner(args, impl)
-    compile_s[name], cfg = info["compile_s"], info["cfg"]
+    for accum in accums:
+      parts = (f", attention={impl}" if len(impls) > 1 else "") + (
+        f", accum={accum}" if len(accums) > 1 else ""
+      )
+      name = f"jax (gpt_jax{parts})"
+      runners[name], info = jax_runner(args, impl, accum)
+      compile_s[name], cfg = info["compile_s"], info["cfg"]
   torch_threads = None
   if args.nanogpt_dir:
     import torch
 
     torch_threads = torch.get_num_threads()
-    runners["torch eager (nanoGPT)"] = torch_runner(args, cfg, False)
-    if args.torch_compile:
-      runners["torch.compile (nanoGPT)"] = torch_runner(args, cfg, True)
+    for accum in accums:
+      tag = f", accum={accum}" if len(accums) > 1 else ""
+      runners[f"torch eager (nanoGPT{tag})"] = torch_runner(args, cfg, False, accum)
+      if args.torch_compile:
+        runners[f"torch.compile (nanoGPT{tag})"] = torch_runner(args, cfg, True, accum)
   else:
     print("reference PyTorch rows skipped: pass --nanogpt_dir <directory with nanoGPT's model.py>")
 
@@ -345,7 +363,9 @@ def main(argv=None):
     f"timed: {args.rounds} turns x {args.steps} steps per implementation, warm-up excluded; ms/step and "
     "tokens/s are wall-clock medians, CPU ms the median process CPU time per step (all threads)"
   )
-  ref = statistics.median(times["torch eager (nanoGPT)"]) if times.get("torch eager (nanoGPT)") else None
+  # "vs eager" is against the first eager PyTorch row (accumulation as the first --grad_accum).
+  eager = next((n for n in times if n.startswith("torch eager") and times[n]), None)
+  ref = statistics.median(times[eager]) if eager else None
   head = (
     f"{'implementation':<34}{'ms/step':>10}{'min ms':>10}{'tokens/s':>11}{'vs eager':>10}"
     f"{'CPU ms':>10}{'MFU(spec)':>11}{'MFU(meas)':>11}  notes"

@@ -18,9 +18,11 @@ from gpt_jax import config as config_lib
 
 # preset -> (sft preset, ppo overrides, optim overrides)
 _PRESETS = {
-  # CPU demo: small rollouts, many short iterations; KL target in nats per response.
-  "tiny": ("tiny", dict(), dict()),
-  "tiny_gpt2": ("tiny_gpt2", dict(), dict()),
+  # CPU demo: small rollouts, many short iterations; KL target in nats per response. The critic
+  # learns at 10x the policy's rate: with the shared rate its explained variance stayed near 0.02
+  # over the first 10 iterations (0.21 after), with 3e-4 it was 0.27 (0.57 after).
+  "tiny": ("tiny", dict(value_lr=3e-4), dict()),
+  "tiny_gpt2": ("tiny_gpt2", dict(value_lr=3e-4), dict()),
   # InstructGPT-like settings scaled to a 124M policy: 512 rollouts per iteration, 4 epochs of
   # minibatch 64, lr 1e-5, adaptive KL toward 6 nats (Ziegler et al. 2019).
   "gpt2_124m": (
@@ -67,6 +69,10 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
       sft_workdir="",  # the SFT run: the policy and the frozen reference start from its newest checkpoint
       rm_workdir="",  # the reward-model run: config.json, tokenizer/, checkpoints/, reward_stats.json
       value_head_on_policy=False,
+      # The separate critic's peak learning rate (it has its own AdamW and gradient clip, with the
+      # optim section's other settings); 0 = optim.lr_peak. Its zero-initialised head has to learn the
+      # prompt-dependent baseline fast, or the advantages carry the reward model's per-prompt offsets.
+      value_lr=0.0,
       reward="rm",  # rm: the reward model's score | gold: the task grader's 0/1 (a perfect reward, for diagnosis)  # False: a separate critic initialised from the reward model (InstructGPT)
       prompts="",  # '' = the embedded tasks' training prompts; else JSONL {"messages", ["answer"]}
       eval_path="",  # '' = the embedded held-out tasks; else JSONL {"messages", "answer"}

@@ -38,12 +38,17 @@ def decay_mask(axes):
 
   def want(path, ax):
     names = [getattr(p, "key", str(p)) for p in path]
-    if names and names[0] in ("embed", "pos_embed"):
+    if {"embed", "pos_embed"} & set(names):  # also inside {"policy": ..., "value": ...} trees
       return False
     ax = tuple(a for a in (ax or ()) if a != "layers")
     return len(ax) >= 2
 
-  return jax.tree_util.tree_map_with_path(want, axes, is_leaf=lambda a: isinstance(a, tuple) or a is None)
+  return jax.tree_util.tree_map_with_path(want, axes, is_leaf=_is_axes)
+
+
+def _is_axes(a) -> bool:
+  """A leaf of a params-axes tree: one parameter's tuple of logical axis names (or None)."""
+  return isinstance(a, tuple) or a is None
 
 
 def make(optim_cfg, total_steps: int, params_axes) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -63,3 +68,18 @@ def make(optim_cfg, total_steps: int, params_axes) -> tuple[optax.GradientTransf
     )
   )
   return optax.chain(*chain), lr
+
+
+def make_per_model(optim_cfgs: dict, total_steps: int, params_axes: dict):
+  """One optimizer per top-level entry of the params dict (e.g. PPO's "policy" and "value"): each
+  entry gets its own `make` chain, so its own learning rate and its own global-norm clip (one
+  model's large gradients do not shrink the other's steps). Returns (optimizer, the schedule of the
+  first entry, for logging)."""
+  # Each chain sees the whole params tree (multi_transform masks out the other entries), so its
+  # weight-decay mask is built over the whole tree too.
+  built = {k: make(optim_cfgs[k], total_steps, params_axes) for k in params_axes}
+  optimizer = optax.multi_transform(
+    {k: opt for k, (opt, _) in built.items()},
+    {k: jax.tree.map(lambda _, k=k: k, ax, is_leaf=_is_axes) for k, ax in params_axes.items()},
+  )
+  return optimizer, built[next(iter(params_axes))][1]

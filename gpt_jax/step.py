@@ -33,12 +33,16 @@ def state_shardings(mesh, optimizer: optax.GradientTransformation, params_shardi
   """Shardings for the whole train state: optimizer moments follow their parameters, counters and
   the RNG are replicated."""
   rep = sharding.replicated(mesh)
+  # A MaskedNode stands where a per-model optimizer (optim.make_per_model) keeps no state for the
+  # other models' params; it stays as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt = optax.tree_map_params(
     optimizer,
-    lambda _, s: s,
+    lambda x, s: x if masked(x) else s,
     abstract_state["opt_state"],
     params_shardings,
     transform_non_params=lambda _: rep,
+    is_leaf=masked,
   )
   return {"params": params_shardings, "opt_state": opt, "step": rep, "rng": rep, "skipped": rep}
 

@@ -243,7 +243,8 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
 
   sft_dir, rm_dir, _ = runs
   quiet = lambda *a: None
-  ptx = {"ppo.ptx_coef": 0.5, "ppo.ptx_batch": 4, "ppo.ptx_seq_len": 32}
+  # (the critic with its own learning rate: the optimizer state is one AdamW per model)
+  ptx = {"ppo.ptx_coef": 0.5, "ppo.ptx_batch": 4, "ppo.ptx_seq_len": 32, "ppo.value_lr": 3e-3}
   full = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), str(tmp_path / "full"), log_fn=quiet)
   assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
   assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
@@ -325,6 +326,10 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
     ppo.run(ppo_cfg(sft_dir, rm3), str(work))
   with pytest.raises(ConfigError, match=r"ppo.minibatch: 3 must divide ppo.rollout_batch=8"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.minibatch": 3}), str(work))
+  with pytest.raises(ConfigError, match=r"ppo.value_lr: must be a finite number >= 0, got -0.001"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": -1e-3}), str(work))
+  with pytest.raises(ConfigError, match=r"ppo.value_lr: applies to the separate critic"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": 1e-3, "ppo.value_head_on_policy": True}), str(work))
   with pytest.raises(ConfigError, match=r"ppo.reward: must be 'rm' .* or 'gold'"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.reward": "oracle"}), str(work))
   assert not os.path.exists(work)  # refused before the workdir was touched

@@ -119,3 +119,33 @@ def test_uneven_dimensions_stay_replicated():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
   spec = sharding.logical_to_spec(("vocab", "embed"), (50257, 768), mesh)
   assert spec == jax.sharding.PartitionSpec(None, None)
+
+
+def test_per_model_optimizer_keeps_each_model_to_its_own_rate_and_clip():
+  """optim.make_per_model (PPO's policy + critic): each entry updates exactly as its own optimizer
+  alone would, so the critic's large gradients do not shrink the policy's clipped step."""
+  graphdef, shapes, axes = M.abstract(CFG)
+  params = M.split(CFG, 0)[1]
+  grads = jax.tree.map(lambda x: jax.numpy.full_like(x, 0.01), params)
+  cfg_a = ml_collections.ConfigDict(OPTIM.to_dict())
+  cfg_a.update(schedule="constant", warmup_steps=0)  # a full step at step 0
+  cfg_b = ml_collections.ConfigDict(cfg_a.to_dict())
+  cfg_b.lr_peak = 1e-3
+  opt, _ = optim.make_per_model({"a": cfg_a, "b": cfg_b}, 10, {"a": axes, "b": axes})
+  both = {"a": params, "b": params}
+  big = {"a": grads, "b": jax.tree.map(lambda g: 1000.0 * g, grads)}
+  updates, _ = opt.update(big, opt.init(both), both)
+  for key, ocfg, g in (("a", cfg_a, grads), ("b", cfg_b, big["b"])):
+    alone, _ = optim.make(ocfg, 10, axes)
+    want, _ = alone.update(g, alone.init(params), params)
+    assert max(float(np.abs(w).max()) for w in jax.tree.leaves(want)) > 0.1 * ocfg.lr_peak
+    for u, w in zip(jax.tree.leaves(updates[key]), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(w))
+  # and the state is placed on a mesh like a single model's (moments follow their parameters)
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (1, 8, 1))), jax.devices()[:8])
+  params_sh = sharding.tree_shardings(mesh, axes, shapes)
+  abstract = jax.eval_shape(lambda p: S.init_state(p, opt, 0), {"a": shapes, "b": shapes})
+  state_sh = S.state_shardings(mesh, opt, {"a": params_sh, "b": params_sh}, abstract)
+  state = jax.jit(lambda: S.init_state(both, opt, 0), out_shardings=state_sh)()
+  mu = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "ndim", 0) == 2]
+  assert mu and any(not x.sharding.is_fully_replicated for x in mu)

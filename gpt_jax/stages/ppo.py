@@ -38,6 +38,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
@@ -250,6 +251,14 @@ def state_tree(tree: dict) -> dict:
   return {"params": params, **tree}
 
 
+def value_optim_config(cfg):
+  """The separate critic's optim section: cfg.optim with lr_peak = ppo.value_lr when that is set."""
+  c = ml_collections.ConfigDict(cfg.optim.to_dict())
+  if float(cfg.ppo.value_lr) > 0:
+    c.lr_peak = float(cfg.ppo.value_lr)
+  return c
+
+
 def _place(model: trainer.Model):
   """The model's params as ShapeDtypeStructs carrying their shardings (what restore_params places)."""
   return jax.tree.map(
@@ -295,7 +304,11 @@ class _Run:
     trained = {"policy": self.policy} | ({} if on_policy else {"value": self.value})
     self.params_sh = {k: m.shardings for k, m in trained.items()}
     total_steps = int(p.iterations) * int(p.epochs) * (self.B // int(p.minibatch))
-    self.optimizer, lr = optim.make(cfg.optim, total_steps, {k: m.axes for k, m in trained.items()})
+    self.optimizer, lr = optim.make_per_model(
+      {"policy": cfg.optim, "value": value_optim_config(cfg)},
+      total_steps,
+      {k: m.axes for k, m in trained.items()},
+    )
     shapes = {k: m.shapes for k, m in trained.items()}
     self.abstract_state = jax.eval_shape(lambda q: step_lib.init_state(q, self.optimizer, self.seed), shapes)
     self.state_sh = step_lib.state_shardings(mesh, self.optimizer, self.params_sh, self.abstract_state)

@@ -75,7 +75,7 @@ def validate(cfg) -> ModelConfig:
   for key in ("gamma", "lam"):
     if not 0.0 <= float(p[key]) <= 1.0:
       raise ConfigError(f"ppo.{key}: must be in [0, 1], got {p[key]}")
-  for key in ("vf_coef", "entropy_coef", "kl_coef", "no_eos_penalty", "ptx_coef"):
+  for key in ("vf_coef", "entropy_coef", "kl_coef", "no_eos_penalty", "ptx_coef", "value_lr"):
     if float(p[key]) < 0 or not math.isfinite(float(p[key])):
       raise ConfigError(f"ppo.{key}: must be a finite number >= 0, got {p[key]}")
   if not float(p.temperature) > 0:
@@ -85,6 +85,11 @@ def validate(cfg) -> ModelConfig:
   if p.reward not in ("rm", "gold"):
     raise ConfigError(
       f"ppo.reward: must be 'rm' (the reward model) or 'gold' (the task grader), got {p.reward!r}"
+    )
+  if float(p.value_lr) > 0 and p.value_head_on_policy:
+    raise ConfigError(
+      "ppo.value_lr: applies to the separate critic; with ppo.value_head_on_policy the value head trains "
+      "with the policy at optim.lr_peak"
     )
   if int(p.rollout_batch) % int(p.minibatch):
     raise ConfigError(f"ppo.minibatch: {p.minibatch} must divide ppo.rollout_batch={p.rollout_batch}")
