@@ -68,12 +68,12 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     dict(
       sft_workdir="",  # the SFT run: the policy and the frozen reference start from its newest checkpoint
       rm_workdir="",  # the reward-model run: config.json, tokenizer/, checkpoints/, reward_stats.json
-      value_head_on_policy=False,
+      value_head_on_policy=False,  # False: a separate critic initialised from the reward model (InstructGPT)
       # The separate critic's peak learning rate (it has its own AdamW and gradient clip, with the
       # optim section's other settings); 0 = optim.lr_peak. Its zero-initialised head has to learn the
       # prompt-dependent baseline fast, or the advantages carry the reward model's per-prompt offsets.
       value_lr=0.0,
-      reward="rm",  # rm: the reward model's score | gold: the task grader's 0/1 (a perfect reward, for diagnosis)  # False: a separate critic initialised from the reward model (InstructGPT)
+      reward="rm",  # rm: the reward model's score | gold: the task grader's 0/1 (a perfect reward, for diagnosis)
       prompts="",  # '' = the embedded tasks' training prompts; else JSONL {"messages", ["answer"]}
       eval_path="",  # '' = the embedded held-out tasks; else JSONL {"messages", "answer"}
       task_train=4000,  # embedded training prompts generated (with the SFT run's task knobs)
