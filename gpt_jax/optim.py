@@ -1,5 +1,6 @@
 """The optax chain from config: global-norm clipping, AdamW with a weight-decay mask, and a
-linear-warmup + cosine-decay learning-rate schedule."""
+linear-warmup + cosine-decay learning-rate schedule; `make_per_model` gives each of several models
+(PPO's policy and critic) its own chain."""
 
 from __future__ import annotations
 
