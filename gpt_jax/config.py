@@ -223,7 +223,7 @@ def data_shards(cfg, n_devices: int) -> int:
 
 def validate_train(cfg, n_devices: int) -> None:
   """Checks the shared training keys against each other and the device count (one-line errors)."""
-  t, o, m = cfg.train, cfg.optim, cfg.model
+  t, m = cfg.train, cfg.model
   if t.steps <= 0:
     raise ConfigError(f"train.steps: must be positive, got {t.steps}")
   if t.global_batch <= 0:
@@ -252,13 +252,19 @@ def validate_train(cfg, n_devices: int) -> None:
       raise ConfigError(f"train.{key}: must be positive, got {t[key]}")
   if t.eval_batches < 0:
     raise ConfigError(f"train.eval_batches: must be >= 0, got {t.eval_batches}")
+  validate_optim(cfg.optim, t.steps)
+
+
+def validate_optim(o, total_steps: int) -> None:
+  """Checks the optim section (one-line errors naming `optim.<key>`); `total_steps` is what the
+  schedule decays over when optim.decay_steps is 0."""
   if o.lr_peak < 0:
     raise ConfigError(f"optim.lr_peak: must be >= 0, got {o.lr_peak}")
   if not 0 <= o.lr_end_ratio <= 1:
     raise ConfigError(f"optim.lr_end_ratio: must be in [0, 1], got {o.lr_end_ratio}")
   if o.warmup_steps < 0 or o.decay_steps < 0:
     raise ConfigError("optim.warmup_steps/decay_steps: must be >= 0")
-  decay = o.decay_steps or t.steps
+  decay = o.decay_steps or total_steps
   if o.schedule == "cosine" and o.warmup_steps >= decay:
     raise ConfigError(f"optim.warmup_steps: {o.warmup_steps} must be smaller than the decay steps ({decay})")
   if o.schedule not in ("cosine", "constant"):

@@ -328,6 +328,8 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.minibatch": 3}), str(work))
   with pytest.raises(ConfigError, match=r"ppo.value_lr: must be a finite number >= 0, got -0.001"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": -1e-3}), str(work))
+  with pytest.raises(ConfigError, match=r"optim.b1/b2: must be in \[0, 1\), got 0.9, 1.5"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"optim.b2": 1.5}), str(work))
   with pytest.raises(ConfigError, match=r"ppo.value_lr: applies to the separate critic"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": 1e-3, "ppo.value_head_on_policy": True}), str(work))
   with pytest.raises(ConfigError, match=r"ppo.reward: must be 'rm' .* or 'gold'"):

@@ -15,7 +15,6 @@ import os
 import ml_collections
 
 from gpt_jax import config as config_lib
-from gpt_jax import optim
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_any_tokenizer
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
@@ -105,7 +104,10 @@ def validate(cfg) -> ModelConfig:
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")
   config_lib.check_room_for_prompt(p, "ppo", "max_new_tokens", model_cfg.max_seq_len)
-  optim.schedule(cfg.optim, int(p.iterations) * int(p.epochs) * (int(p.rollout_batch) // int(p.minibatch)))
+  # (the critic's optim section differs only in lr_peak, which ppo.value_lr's check covers)
+  config_lib.validate_optim(
+    cfg.optim, int(p.iterations) * int(p.epochs) * (int(p.rollout_batch) // int(p.minibatch))
+  )
   for key in ("prompts", "eval_path", "ptx_path"):
     if p[key] and not os.path.isfile(p[key]):
       raise DataError(f"ppo.{key}: file {p[key]} does not exist")
