@@ -4,7 +4,7 @@
 
 Prints batches/s and tokens/s of (a) host batches (numpy windows + batch schema) and (b) global
 jax.Arrays through the prefetching iterator, sharded over a data axis of --devices CPU devices.
-The tiny train step consumes roughly 20-50K tokens/s on a 2-core CPU; the target is 20x that.
+The tiny train step consumes roughly 20-50K tokens/s on a 2-core CPU; the loader should deliver at least 20x that.
 """
 
 from __future__ import annotations

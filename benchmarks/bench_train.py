@@ -67,9 +67,8 @@ def jax_runner(args, attention_impl: str, accum: int = 1):
   import numpy as np
 
   from gpt_jax import config as config_lib
-  from gpt_jax import losses, model, optim, sharding, step, trainer
+  from gpt_jax import losses, model, optim, placed, sharding, step
   from gpt_jax.data import batch as batch_lib
-  from gpt_jax.stages import pretrain
 
   cfg = model.preset(
     args.preset,
@@ -84,7 +83,7 @@ def jax_runner(args, attention_impl: str, accum: int = 1):
   graphdef, shapes, axes = model.abstract(cfg)
   params_sh = sharding.tree_shardings(mesh, axes, shapes)
   # The project's optimizer defaults (AdamW b2 0.95, decay 0.1, clipping at 1.0) at nanoGPT's peak rate.
-  optim_cfg = config_lib.base_config("pretrain").optim
+  optim_cfg = config_lib.defaults({"optim": config_lib.OPTIM}).optim
   optim_cfg.update(dict(lr_peak=6e-4, warmup_steps=10, decay_steps=1000))
   opt, lr = optim.make(optim_cfg, 1000, axes)
   init = lambda: step.init_state(model.split(cfg, 0)[1], opt, 0)
@@ -103,7 +102,7 @@ def jax_runner(args, attention_impl: str, accum: int = 1):
   else:
     # Exactly the pretraining stage's loss; without --document_mask it passes segment_ids=None (the
     # causal-only attention path), as nanoGPT does.
-    loss_fn = pretrain.lm_loss(trainer.Model.build(cfg, mesh), document_mask=args.document_mask)
+    loss_fn = losses.lm_loss(placed.Model.build(cfg, mesh).apply, document_mask=args.document_mask)
 
   batch_sh = sharding.batch_sharding(mesh, 2)
   train_step = step.make_train_step(

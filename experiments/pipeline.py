@@ -1,11 +1,12 @@
-"""The whole recipe as one config: `get_config("demo")` nests each stage's own config.
+"""The whole recipe as one config: `get_config("demo")` nests each entry's own stage config.
 
   python -m gpt_jax pipeline --config=experiments/pipeline.py:demo --workdir=runs/demo
 
-Each stage's keys are its experiment file's (experiments/pretrain.py, sft.py, rm.py, ppo.py), so a
-larger run differs only in the presets named here and in sizes and paths, e.g.
-`--config.pretrain.train.steps=2000`. The pipeline fills in how stages feed each other
-(sft.train.init_from, rm.train.init_from, ppo.ppo.sft_workdir / rm_workdir).
+Each entry's keys are its experiment file's (experiments/pretrain.py, sft.py, rm.py, dpo.py, ppo.py,
+grpo.py), so a larger run differs only in the presets named here and in sizes and paths, e.g.
+`--config.pretrain.train.steps=2000`. The pipeline fills in how entries feed each other (init runs,
+the RL stages' SFT and reward-model runs, DPO's comparisons), gives every entry the pretrained model's
+shape and SFT's task space, and runs them in `stages` order.
 """
 
 import os
@@ -16,18 +17,28 @@ from gpt_jax import config as config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# preset -> the preset of each stage's experiment file
+# preset -> {entry name: "experiment file:preset"}, in recipe order
 _PRESETS = {
-  "demo": dict(pretrain="tiny", sft="tiny", rm="tiny", ppo="tiny"),
+  "demo": {
+    "pretrain": "pretrain.py:tiny",
+    "sft": "sft.py:tiny",
+    "rm": "rm.py:tiny",
+    "dpo": "dpo.py:tiny",
+    "ppo": "ppo.py:tiny",
+    "grpo": "grpo.py:tiny",
+  },
 }
 
 
-def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-  if arg not in _PRESETS:
-    raise ValueError(f"experiments/pipeline.py: unknown preset {arg!r}; known: {', '.join(_PRESETS)}")
+def get_config(arg: str = "demo"):
+  entries = config_lib.preset(_PRESETS, arg, "experiments/pipeline.py")
   cfg = ml_collections.ConfigDict()
   cfg.stage = "pipeline"
-  cfg.stages = "pretrain,sft,rm,ppo"
-  for stage, preset in _PRESETS[arg].items():
-    cfg[stage] = config_lib.load(os.path.join(_HERE, f"{stage}.py:{preset}"))
+  cfg.stages = ",".join(entries)
+  # What the report's evaluation table measures every model on after the stages (`eval --tasks`
+  # syntax, docs/eval.md; '' for none): the SFT run's held-out embedded prompts, and bits per byte on
+  # the held-out documents of the pretraining source 'docs' (the reference prose).
+  cfg.eval_tasks = "embedded,bpb:docs"
+  for name, spec in entries.items():
+    cfg[name] = config_lib.load_file(os.path.join(_HERE, spec))
   return cfg

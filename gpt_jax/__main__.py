@@ -8,10 +8,13 @@ naming it, with exit status 2, before anything is built or compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
-from gpt_jax.errors import GptJaxError
+from gpt_jax.errors import GptJaxError, Interrupted
 
 COMMANDS: dict[str, tuple] = {}
 
@@ -26,32 +29,21 @@ def command(name: str, help: str, *, config: bool = True, workdir: bool = True, 
   return register
 
 
-@command("pretrain", "pretrain a model on the tokenized source mixture")
-def _pretrain(cfg, workdir, args):
-  from gpt_jax.stages import pretrain
+def _stage_command(name: str, help: str):
+  def run(cfg, workdir, args):
+    from gpt_jax import stages
 
-  pretrain.run(cfg, workdir)
+    stages.module(name).run(cfg, workdir)
 
-
-@command("sft", "supervised finetuning of a pretrained checkpoint on conversations")
-def _sft(cfg, workdir, args):
-  from gpt_jax.stages import sft
-
-  sft.run(cfg, workdir)
+  command(name, help)(run)
 
 
-@command("rm", "train a reward model on pairwise comparisons")
-def _rm(cfg, workdir, args):
-  from gpt_jax.stages import rm
-
-  rm.run(cfg, workdir)
-
-
-@command("ppo", "reinforcement learning of the SFT policy against the reward model")
-def _ppo(cfg, workdir, args):
-  from gpt_jax.stages import ppo
-
-  ppo.run(cfg, workdir)
+_stage_command("pretrain", "pretrain a model on the tokenized source mixture")
+_stage_command("sft", "supervised finetuning of a pretrained run on conversations")
+_stage_command("rm", "train a reward model on pairwise comparisons")
+_stage_command("dpo", "direct preference optimization of the SFT policy on comparisons (DPO)")
+_stage_command("ppo", "reinforcement learning of the SFT policy against the reward model (PPO)")
+_stage_command("grpo", "reinforcement learning of the SFT policy with group-relative advantages (GRPO)")
 
 
 @command(
@@ -110,9 +102,45 @@ def _chat(cfg, workdir, args):
   ],
 )
 def _score(cfg, workdir, args):
-  from gpt_jax.stages import rm
+  from gpt_jax import rewards
 
-  rm.score_cli(workdir, prompt=args.prompt, response=args.response, pairs_file=args.pairs_file)
+  rewards.score_cli(workdir, prompt=args.prompt, response=args.response, pairs_file=args.pairs_file)
+
+
+@command(
+  "eval",
+  "evaluate a run on benchmarks: bits per byte, multiple choice, generative tasks (docs/eval.md)",
+  config=False,
+  args=[
+    (
+      "--tasks",
+      dict(required=True, help="e.g. embedded,mc:arc.jsonl,gen:gsm8k.jsonl:grader=number,bpb:wiki.txt"),
+    ),
+    ("--out", dict(default=None, help="where to write the results (default: <workdir>/eval.json)")),
+    ("--batch", dict(type=int, default=32, help="rows per scoring or sampling call")),
+    ("--max_new_tokens", dict(type=int, default=64, help="reply length of generative tasks")),
+    ("--samples", dict(type=int, default=0, help="sampled replies per prompt for pass@1 and pass@N")),
+    ("--temperature", dict(type=float, default=1.0, help="temperature of the sampled replies")),
+    ("--seed", dict(type=int, default=0)),
+    ("--mesh", dict(default="-1,1,1", help="DATA,FSDP,TENSOR sizes of the device mesh")),
+    ("--chat", dict(default="auto", help="auto (finetuned runs use the chat template) | yes | no")),
+  ],
+)
+def _eval(cfg, workdir, args):
+  from gpt_jax.eval import run
+
+  run.evaluate_run(
+    workdir,
+    args.tasks,
+    out=args.out,
+    batch=args.batch,
+    max_new_tokens=args.max_new_tokens,
+    samples=args.samples,
+    temperature=args.temperature,
+    seed=args.seed,
+    mesh=args.mesh,
+    chat=args.chat,
+  )
 
 
 @command(
@@ -140,11 +168,43 @@ def _export_hf(cfg, workdir, args):
   cli.cmd_export(workdir=workdir, out_dir=args.out)
 
 
-@command("describe", "print the hyperparameter table of a config", workdir=False)
+@command(
+  "describe",
+  "print the hyperparameter table of a config and the compute it implies",
+  workdir=False,
+  args=[
+    ("--devices", dict(type=int, default=1, help="number of devices for the time estimate")),
+    ("--device", dict(default="a100", help="a100, h100, h200, tpu-v5p, ... or a peak FLOP/s such as 312e12")),
+    ("--mfu", dict(type=float, default=0.4, help="model FLOPs utilization assumed (0, 1]")),
+  ],
+)
 def _describe(cfg, workdir, args):
-  from gpt_jax import describe
+  from gpt_jax import config as config_lib
+  from gpt_jax import describe, stages
 
-  print(describe.table(cfg, name=args.config))
+  pipeline = cfg.get("stage") == "pipeline"
+  parts = {n: cfg[n] for n in stages.ORDER if n in cfg} if pipeline else {"": cfg}
+  tables = []
+  for section, part in parts.items():  # every key typed and bounded first, as a run checks it
+    try:
+      config_lib.check(part, stages.module(str(part.get("stage"))).SCHEMA)
+    except GptJaxError as e:
+      raise type(e)(f"{section}.{e}" if section else str(e)) from None
+    if "steps" in part.train:  # the RL stages count iterations of sampled replies, not tokens
+      tables.append(
+        describe.table(
+          part,
+          name=f"{args.config} [{section}]" if section else args.config,
+          devices=args.devices,
+          device=args.device,
+          mfu=args.mfu,
+        )
+      )
+  if not tables:
+    raise _ArgError(
+      f"--config: stage {cfg.get('stage')!r} trains on sampled replies; describe a pretrain, sft or rm config"
+    )
+  print("\n\n".join(tables))
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -195,22 +255,50 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text, *_rest) in COMMANDS.items():
       print(f"  {name:<10} {help_text}")
     return 0 if argv else 2
-  from gpt_jax.trainer import Preempted
+  from gpt_jax.loop import Preempted
 
   try:
-    name, args, cfg = parse(argv)
-    if getattr(args, "workdir", None) and hasattr(args, "coordinator_address"):
-      from gpt_jax import distributed
+    with _interrupts():
+      name, args, cfg = parse(argv)
+      if getattr(args, "workdir", None) and hasattr(args, "coordinator_address"):
+        from gpt_jax import distributed
 
-      distributed.initialize_from_args(args)
-    COMMANDS[name][0](cfg, getattr(args, "workdir", None), args)
+        distributed.initialize_from_args(args)
+      COMMANDS[name][0](cfg, getattr(args, "workdir", None), args)
   except GptJaxError as e:
     print(f"gpt_jax: error: {e}", file=sys.stderr)
     return 2
   except Preempted as e:
     print(f"gpt_jax: {e.message}", file=sys.stderr)
     return int(e.code)
+  except KeyboardInterrupt as e:  # outside a training step (where the loop saves and raises Preempted)
+    e = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
+    print(
+      f"gpt_jax: interrupted ({e.signame}) outside a training step; nothing was saved since the newest "
+      "checkpoint (rerun the same command to go on)",
+      file=sys.stderr,
+    )
+    return e.code
   return 0
+
+
+@contextlib.contextmanager
+def _interrupts():
+  """Within: SIGINT and SIGTERM raise Interrupted, so that both end a command alike, in one line and
+  through every `finally` (a training loop replaces this with its own save-then-exit handler)."""
+
+  def handle(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+  old = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      old[sig] = signal.signal(sig, handle)
+  try:
+    yield
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

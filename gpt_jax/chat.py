@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import sys
 
-from gpt_jax import inference, sampling
+from gpt_jax import inference, runs, sampling
+from gpt_jax.config import Key, check_value
+from gpt_jax.errors import ConfigError
+
+# The sampling flags, typed and bounded like config keys (checked before the model is loaded).
+FLAGS = {
+  "temperature": Key(0.8, ">= 0"),
+  "top_k": Key(0, ">= 0"),
+  "top_p": Key(0.95, "(0, 1]"),
+  "max_new_tokens": Key(64, ">= 1"),
+  "seed": Key(0, ">= 0"),
+}
 
 
 def _stream_reply(loaded, ids, sample_cfg, seed, out) -> str:
@@ -49,6 +60,15 @@ def run(
   """Interactive chat (or one reply with `prompt`); returns the replies."""
   stdin = stdin or sys.stdin
   out = out or sys.stdout
+  flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+  for name, value in flags.items():
+    check_value(f"--{name}", value, FLAGS[name])
+  context = runs.open(workdir, "--workdir").model_config().max_seq_len  # before the weights are read
+  if max_new_tokens >= context:
+    raise ConfigError(
+      f"--max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's context of "
+      f"{context} tokens (at most {context - 1})"
+    )
   loaded = inference.load(workdir)
   kind = "assistant" if loaded.is_chat else "base model: continues your text"
   sample_cfg = sampling.SampleConfig(

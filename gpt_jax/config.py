@@ -1,155 +1,349 @@
-"""Shared config helpers: the common config skeleton, loading `FILE:ARG` specs, validation with
-one-line errors naming the key, and the resume check (which keys may change between runs)."""
+"""Config machinery: a declarative schema of every key, `FILE.py:ARG` loading with dotted overrides,
+one-line errors naming the key, and the resume diff.
+
+A schema is a nested dict of `Key`s (default, which fixes the type; bounds; choices; whether the key
+may change when a workdir is resumed). Each stage owns the schema of its config (stages/*.py
+`SCHEMA`), built from the shared sections below and those of the modules that read them (model.py,
+data/config.py, data/tasks.py). `defaults(schema)` is the config every experiment file starts from;
+`check(cfg, schema)` types and bounds every key before anything runs.
+
+ml_collections.config_flags is not used for loading: it reads overrides from sys.argv through absl's
+global flags and reports a failing config file as a multi-line traceback, while gpt_jax parses its
+commands with argparse, accepts `FILE.py:ARG` values for whole sections (`--config.data=...`) and
+reports every bad key as one line, before anything is built.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
 
 from gpt_jax.errors import ConfigError
 
-# Keys that may differ when a workdir is resumed; every other key must match the saved config.
-MUTABLE_KEYS = (
-  "train.steps",
-  "train.log_every",
-  "train.eval_every",
-  "train.eval_batches",
-  "train.checkpoint_every",
-  "train.keep_checkpoints",
-  "train.async_checkpoint",
-  "train.nonfinite",
-  "train.progress_bar",
-  "optim.decay_steps",
-  "optim.lr_end_ratio",
-  "metrics.",
-  "mesh.",
-  "model.scan_layers",
-  "model.remat_policy",
-  "model.attention_impl",
-  "data.num_workers",
-  "data.progress",
-  "data.verify_hash",
-  "sft.eval_samples",
-  "sft.max_new_tokens",
-  "sft.sample_batch",
-)
+# --- the schema -----------------------------------------------------------------------------------
+
+_BOUNDS = re.compile(r"^\s*([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])\s*$")
+_SIDE = re.compile(r"^\s*(>=|>|<=|<)\s*(\S+)\s*$")
 
 
-def base_config(stage: str) -> ml_collections.ConfigDict:
-  """The keys every training stage shares, with CPU-friendly defaults."""
-  c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.train = ml_collections.ConfigDict(
-    dict(
-      steps=100,
-      global_batch=16,
-      seq_len=256,
-      grad_accum=1,
-      seed=0,
-      nonfinite="stop",  # stop | skip: what to do on a non-finite loss or gradient
-      log_every=10,
-      eval_every=50,
-      eval_batches=4,
-      checkpoint_every=50,
-      keep_checkpoints=3,
-      async_checkpoint=True,
-      progress_bar=True,
-      init_from="",  # a checkpoint (workdir, or imported Hugging Face dir) to start from
-    )
-  )
-  c.optim = ml_collections.ConfigDict(
-    dict(
-      lr_peak=1e-3,
-      lr_end_ratio=0.1,
-      warmup_steps=10,
-      decay_steps=0,  # 0: decay over train.steps
-      schedule="cosine",  # cosine | constant
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      grad_clip_norm=1.0,
-    )
-  )
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, peak_flops=0.0))
-  return c
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key. `default` fixes its type (an int key takes ints, a float key ints or floats);
+  `bounds` is "> 0", ">= 1", "< 1" or an interval "[0, 1)"; `choices` lists the allowed values;
+  `resumable` keys may differ when a workdir is resumed (they change how, not what, is trained)."""
+
+  default: Any
+  bounds: str = ""
+  choices: tuple = ()
+  resumable: bool = False
+
+  def describe(self) -> str:
+    return f"one of {self.choices}" if self.choices else (self.bounds.strip() or "any value")
+
+  def limits(self) -> tuple[float, bool, float, bool]:
+    """(low, low included, high, high included)."""
+    if not self.bounds:
+      return -math.inf, True, math.inf, True
+    m = _BOUNDS.match(self.bounds)
+    if m:
+      return float(m[2]), m[1] == "[", float(m[3]), m[4] == "]"
+    m = _SIDE.match(self.bounds)
+    if not m:
+      raise ValueError(f"bad bounds {self.bounds!r}")
+    op, x = m[1], float(m[2])
+    if op.startswith(">"):
+      return x, op == ">=", math.inf, True
+    return -math.inf, True, x, op == "<="
 
 
-def model_config_dict(preset_name: str, **overrides) -> ml_collections.ConfigDict:
-  """A model preset as a ConfigDict with every ModelConfig key (so the locked config accepts overrides)."""
-  import dataclasses
+@dataclasses.dataclass(frozen=True)
+class Entries:
+  """A section of named entries that share one schema (e.g. data.sources: name -> source)."""
 
-  from gpt_jax import model
-
-  cfg = model.preset(preset_name, **overrides)
-  return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  schema: dict
+  default: dict = dataclasses.field(default_factory=dict)  # name -> {key: value} overrides
 
 
-def stage_config(stage: str, model_from: str) -> ml_collections.ConfigDict:
-  """base_config(stage) with the model of the config `model_from` (`FILE:ARG`, e.g. the pretraining
-  preset an SFT preset finetunes): a later stage's model is exactly its starting checkpoint's."""
-  cfg = base_config(stage)
-  cfg.model = ml_collections.ConfigDict(load(model_from).model.to_dict())
-  return cfg
+def defaults(schema: dict) -> ml_collections.ConfigDict:
+  """The config of `schema`'s defaults."""
+  out = {}
+  for name, spec in schema.items():
+    if isinstance(spec, Key):
+      out[name] = spec.default
+    elif isinstance(spec, Entries):
+      out[name] = {n: {**defaults(spec.schema).to_dict(), **e} for n, e in spec.default.items()}
+    else:
+      out[name] = defaults(spec).to_dict()
+  return ml_collections.ConfigDict(out)
+
+
+def _type_ok(value, default) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+  return isinstance(value, type(default))
+
+
+# Every int key fits JAX's default integer: counters (the step, the skipped steps) are int32 on the
+# devices, and a seed of 2**32 or more would silently become another seed in jax.random.key.
+INT_LIMIT = 2**31
+
+
+def check_value(path: str, value, spec: Key) -> None:
+  """ConfigError naming `path` unless `value` has the key's type, is finite (a float) or a 32-bit
+  integer (an int), and is within its bounds."""
+  if not _type_ok(value, spec.default):
+    raise ConfigError(f"{path}: expected {type(spec.default).__name__}, got {value!r}")
+  if spec.choices and value not in spec.choices:
+    raise ConfigError(f"{path}: must be one of {spec.choices}, got {value!r}")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+  if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+    raise ConfigError(f"{path}: must be a 32-bit integer (below 2**31 in size), got {value!r}")
+  if spec.bounds and isinstance(value, int | float):
+    lo, lo_in, hi, hi_in = spec.limits()
+    if (value < lo or (value == lo and not lo_in)) or (value > hi or (value == hi and not hi_in)):
+      shown = spec.bounds.strip()
+      raise ConfigError(f"{path}: must be {'in ' if shown[0] in '[(' else ''}{shown}, got {value!r}")
+
+
+def check(cfg, schema: dict, prefix: str = "") -> None:
+  """ConfigError for the first key of `cfg` that is unknown to `schema`, missing, of the wrong type,
+  not finite or out of bounds (the message names the key)."""
+  have = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  for name in have:
+    if name not in schema:
+      raise ConfigError(f"{prefix}{name}: unknown config key")
+  for name, spec in schema.items():
+    path = f"{prefix}{name}"
+    if name not in have:
+      raise ConfigError(f"{path}: missing from the config")
+    value = have[name]
+    if isinstance(spec, Key):
+      if isinstance(value, dict):
+        raise ConfigError(f"{path}: expected {type(spec.default).__name__}, got a section")
+      check_value(path, value, spec)
+    elif not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a section, got {value!r}")
+    elif isinstance(spec, Entries):
+      for entry, sub in value.items():
+        if not isinstance(sub, dict):
+          raise ConfigError(f"{path}.{entry}: expected a section, got {sub!r}")
+        check(sub, spec.schema, f"{path}.{entry}.")
+    else:
+      check(value, spec, f"{path}.")
+
+
+def resumable_keys(schema: dict, prefix: str = "") -> list[str]:
+  """The dotted keys (with `*` for an entry name) that may change on resume."""
+  out = []
+  for name, spec in schema.items():
+    if isinstance(spec, Key):
+      out += [prefix + name] if spec.resumable else []
+    elif isinstance(spec, Entries):
+      out += resumable_keys(spec.schema, f"{prefix}{name}.*.")
+    else:
+      out += resumable_keys(spec, f"{prefix}{name}.")
+  return out
+
+
+def subset(section: dict, drop=(), **replace) -> dict:
+  """A schema section without the keys in `drop`, with some keys' specs replaced."""
+  return {k: replace.get(k, v) for k, v in section.items() if k not in drop}
+
+
+# --- the shared sections ----------------------------------------------------------------------------
+
+TRAIN = {
+  "steps": Key(100, "> 0", resumable=True),
+  "global_batch": Key(16, "> 0"),
+  "seq_len": Key(256, "> 0"),
+  "grad_accum": Key(1, ">= 1"),
+  "seed": Key(0, ">= 0"),
+  "nonfinite": Key("stop", choices=("stop", "skip"), resumable=True),  # on a non-finite loss/gradient
+  "log_every": Key(10, "> 0", resumable=True),
+  "eval_every": Key(50, "> 0", resumable=True),
+  "eval_batches": Key(4, ">= 0", resumable=True),
+  "checkpoint_every": Key(50, "> 0", resumable=True),
+  "keep_checkpoints": Key(3, ">= 1", resumable=True),
+  "async_checkpoint": Key(True, resumable=True),
+  "progress_bar": Key(True, resumable=True),
+  "init_from": Key(""),  # a run directory (or an imported Hugging Face model) to start from
+  # Accept checkpoint steps that lack their integrity record but carry orbax's commit marker
+  # (commit_success.txt), writing the record; without it such a workdir is refused, never overwritten.
+  "trust_orbax_commit": Key(False, resumable=True),
+}
+
+OPTIM = {
+  "lr_peak": Key(1e-3, ">= 0"),
+  "lr_end_ratio": Key(0.1, "[0, 1]", resumable=True),
+  "warmup_steps": Key(10, ">= 0"),
+  "decay_steps": Key(0, ">= 0", resumable=True),  # 0: decay over the run's steps
+  "schedule": Key("cosine", choices=("cosine", "constant")),
+  "weight_decay": Key(0.1, ">= 0"),
+  "b1": Key(0.9, "[0, 1)"),
+  "b2": Key(0.95, "[0, 1)"),
+  "eps": Key(1e-8, "> 0"),
+  "grad_clip_norm": Key(1.0, ">= 0"),  # 0: no clipping
+}
+
+MESH = {  # -1: the devices left over by the other axes
+  "data": Key(-1, ">= -1", resumable=True),
+  "fsdp": Key(1, ">= -1", resumable=True),
+  "tensor": Key(1, ">= -1", resumable=True),
+}
+
+METRICS = {
+  "tensorboard": Key(True, resumable=True),
+  "peak_flops": Key(0.0, ">= 0", resumable=True),  # per device; 0: the table in metrics.py
+}
+
+
+def stage_schema(stage: str, **sections) -> dict:
+  """The schema of a stage's config: its name, the shared train/optim/mesh/metrics sections (each
+  replaceable by a keyword) and the stage's own sections."""
+  base = {
+    "stage": Key(stage, choices=(stage,)),
+    "train": TRAIN,
+    "optim": OPTIM,
+    "mesh": MESH,
+    "metrics": METRICS,
+  }
+  return {**base, **sections}
+
+
+# --- loading `FILE.py:ARG` and overrides ---------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 300 else text[:300] + "..."
+
+
+def load_file(spec: str, what: str = "--config"):
+  """get_config(ARG) (or get_config()) of `path/to/file.py[:ARG]`; ConfigError naming `what` and the
+  file for a missing file, a file that does not import, one without get_config, or a get_config that
+  raises (e.g. an unknown preset)."""
+  path, _, arg = str(spec).partition(":")
+  if not path.endswith(".py"):
+    raise ConfigError(f"{what}: expected FILE.py or FILE.py:ARG, got {spec!r}")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{what}: file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location(f"_gpt_jax_cfg_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  try:
+    mod_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{what}: {path} line {e.lineno}: syntax error ({e.msg})") from None
+  except Exception as e:  # noqa: BLE001 - whatever the file raises becomes one line naming it
+    raise ConfigError(f"{what}: {path} failed to import: {type(e).__name__}: {_one_line(e)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{what}: {path} has no get_config() function")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {spec}: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"{what}: {spec}: {type(e).__name__}: {_one_line(e)}") from None
+  if not isinstance(cfg, ml_collections.ConfigDict | dict):
+    raise ConfigError(f"{what}: {spec}: get_config returned {type(cfg).__name__}, expected a ConfigDict")
+  return ml_collections.ConfigDict(cfg)
 
 
 def load(spec: str, overrides: list[str] | dict | None = None) -> ml_collections.ConfigDict:
-  """Loads `path/to/file.py:ARG` (get_config(ARG)), applies overrides, and locks the config.
+  """Loads `path/to/file.py:ARG`, applies overrides and locks the config (unknown keys then fail).
 
-  overrides: {"train.steps": 10} or ["train.steps=10"]; values in strings are parsed as Python literals
-  where possible. Unknown keys raise ConfigError.
+  overrides: {"train.steps": 10} or ["train.steps=10"]; strings are parsed as Python literals where
+  possible. A whole section may be replaced by another file's config: {"data": "FILE.py:ARG"}.
   """
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise ConfigError(f"--config: file {path!r} does not exist")
-  mod_spec = importlib.util.spec_from_file_location(f"_gpt_jax_cfg_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  try:
-    cfg = module.get_config(arg) if arg else module.get_config()
-  except (ValueError, KeyError) as e:  # e.g. an unknown preset name
-    raise ConfigError(f"--config: {e}") from None
-  cfg = ml_collections.ConfigDict(cfg)
+  cfg = load_file(spec)
   cfg.lock()
   apply_overrides(cfg, overrides or {})
   return cfg
 
 
 def _literal(text: str) -> Any:
-  import ast
-
   try:
     return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
     return text
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+  """Sets dotted `key` of a (locked) config; ConfigError naming it when it does not exist or the value
+  has another type. A section takes a ConfigDict / dict, or a `FILE.py:ARG` string naming one."""
+  parent, _, leaf = key.rpartition(".")
+  node, walked = cfg, []
+  for part in parent.split(".") if parent else []:
+    walked.append(part)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"{key}: {'.'.join(walked[:-1])} is a value, not a section")
+    if part not in node:
+      raise ConfigError(f"{key}: unknown config key ({'.'.join(walked)!r} does not exist)")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(f"{key}: {parent} is a value, not a section")
+  if leaf not in node:
+    raise ConfigError(f"{key}: unknown config key")
+  old = node[leaf]
+  if isinstance(old, ml_collections.ConfigDict):
+    if isinstance(value, str):
+      value = load_file(value, what=key)
+    if not isinstance(value, dict | ml_collections.ConfigDict):
+      raise ConfigError(f"{key}: expected a section (or FILE.py:ARG), got {value!r}")
+    value = ml_collections.ConfigDict(value)
+  elif old is not None and not isinstance(value, type(old)):
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    else:
+      raise ConfigError(f"{key}: expected {type(old).__name__}, got {value!r}")
+  with cfg.unlocked():
+    node[leaf] = value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
   items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
   for key, value in items:
-    value = _literal(value) if isinstance(value, str) else value
-    parent, _, leaf = key.rpartition(".")
-    node = cfg
-    for part in parent.split(".") if parent else []:
-      if part not in node:
-        raise ConfigError(f"{key}: unknown config key ({part!r} does not exist)")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"{key}: unknown config key")
-    old = node[leaf]
-    if old is not None and not isinstance(value, type(old)):
-      if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-      else:
-        raise ConfigError(f"{key}: expected {type(old).__name__}, got {value!r}")
-    with cfg.unlocked():
-      node[leaf] = value
+    override(cfg, key, _literal(value) if isinstance(value, str) else value)
+
+
+def preset(presets: dict, name: str, where: str) -> dict:
+  """presets[name]; ConfigError naming the known presets for an unknown one."""
+  if name not in presets:
+    raise ConfigError(f"{where}: unknown preset {name!r}; known: {', '.join(presets)}")
+  return presets[name]
+
+
+def experiment(cfg, presets: dict, name: str, where: str, *, model_from: str = "", take=("model",)):
+  """An experiment file's get_config(name): `cfg` (a stage's default config) with preset `name`
+  applied. A preset is {"model": NAME, "dotted.key": value, ...}; with `model_from` (another experiment
+  file, FILE.py), the keys or sections `take` come from that file's preset NAME (a later stage's model
+  is exactly its starting run's)."""
+  keys = dict(preset(presets, name, where))
+  model = keys.pop("model", None)
+  if model_from:
+    source = load_file(f"{model_from}:{model}")
+    for key in take:
+      value = source
+      for part in key.split("."):
+        value = value[part]
+      override(cfg, key, value)
+  apply_overrides(cfg, keys)
+  return cfg
+
+
+# --- diffs and the resume rule ----------------------------------------------------------------------
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -175,12 +369,18 @@ def config_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   ]
 
 
-def check_resume(saved: dict, current: dict, what: str = "workdir") -> list[str]:
-  """Raises ConfigError listing the differing keys that may not change on resume; returns the
-  keys that changed and may."""
+def _matches(key: str, pattern: str) -> bool:
+  kp, pp = key.split("."), pattern.split(".")
+  return len(kp) == len(pp) and all(p in ("*", k) for k, p in zip(kp, pp))
+
+
+def check_resume(saved: dict, current: dict, resumable, what: str = "workdir") -> list[str]:
+  """Raises ConfigError listing the differing keys that may not change on resume (all but the
+  `resumable` patterns); returns the keys that changed and may."""
   diffs = config_diff(saved, current)
-  mutable = lambda k: any(k == m or (m.endswith(".") and k.startswith(m)) for m in MUTABLE_KEYS)
-  refused = [f"{k} ({old!r} -> {new!r})" for k, old, new in diffs if not mutable(k)]
+  refused = [
+    f"{k} ({old!r} -> {new!r})" for k, old, new in diffs if not any(_matches(k, p) for p in resumable)
+  ]
   if refused:
     raise ConfigError(
       f"{what} was made with a different config; these keys may not change on resume: "
@@ -190,14 +390,7 @@ def check_resume(saved: dict, current: dict, what: str = "workdir") -> list[str]
   return [k for k, _, _ in diffs]
 
 
-# --- checks shared by the stages' validate() (each raises a ConfigError naming `<section>.<key>`) ---
-
-
-def check_at_least(section, name: str, bounds: dict[str, float]) -> None:
-  """Every key of `bounds` is at least its bound."""
-  for key, lo in bounds.items():
-    if section[key] < lo:
-      raise ConfigError(f"{name}.{key}: must be >= {lo}, got {section[key]}")
+# --- checks shared by the stages' validate() ---------------------------------------------------------
 
 
 def check_room_for_prompt(section, name: str, key: str, max_seq_len: int, reserve: int = 0) -> None:
@@ -212,64 +405,49 @@ def data_shards(cfg, n_devices: int) -> int:
   """The number of data-parallel shards (mesh.data * mesh.fsdp, -1 filled in from the device count)
   that every batch's rows are split over; ConfigError when the mesh does not fit the devices."""
   sizes = {a: int(cfg.mesh[a]) for a in ("data", "fsdp", "tensor")}
+  for a, s in sizes.items():
+    if s == 0:
+      raise ConfigError(f"mesh.{a}: must be a positive size or -1, got 0")
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"mesh: at most one of data, fsdp, tensor may be -1, got {sizes}")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if -1 not in sizes.values() and fixed != n_devices:
     raise ConfigError(f"mesh: data*fsdp*tensor = {fixed} ({sizes}) but there are {n_devices} devices")
-  if -1 in sizes.values() and (fixed <= 0 or n_devices % fixed):
+  if -1 in sizes.values() and n_devices % fixed:
     raise ConfigError(f"mesh: {n_devices} devices cannot be split into {sizes}")
   free = n_devices // fixed
   return (sizes["data"] if sizes["data"] != -1 else free) * (sizes["fsdp"] if sizes["fsdp"] != -1 else free)
 
 
-def validate_train(cfg, n_devices: int) -> None:
-  """Checks the shared training keys against each other and the device count (one-line errors)."""
+def check_batch(name: str, rows: int, grad_accum: int, shards: int, *, unit: int = 1) -> None:
+  """`rows` splits into grad_accum microbatches of whole units (e.g. comparison pairs) that divide over
+  the data-parallel shards; ConfigError naming `name` otherwise."""
+  if rows % (grad_accum * unit):
+    extra = f" x {unit} (rows per unit)" if unit > 1 else ""
+    raise ConfigError(f"{name}: {rows} must be a multiple of train.grad_accum={grad_accum}{extra}")
+  micro = rows // grad_accum
+  if micro % shards:
+    raise ConfigError(
+      f"{name}: {rows} (/{grad_accum} microbatches = {micro}) is not divisible by the {shards} "
+      "data-parallel shards (mesh.data*mesh.fsdp)"
+    )
+
+
+def check_train(cfg, n_devices: int) -> None:
+  """The shared training keys against each other and the device count (types and bounds are the
+  schema's): the context fits the position table, the batch splits over microbatches and shards, and
+  the schedule's warmup ends before its decay."""
   t, m = cfg.train, cfg.model
-  if t.steps <= 0:
-    raise ConfigError(f"train.steps: must be positive, got {t.steps}")
-  if t.global_batch <= 0:
-    raise ConfigError(f"train.global_batch: must be positive, got {t.global_batch}")
-  if t.seq_len <= 0:
-    raise ConfigError(f"train.seq_len: must be positive, got {t.seq_len}")
   if t.seq_len > m.max_seq_len:
     raise ConfigError(
       f"train.seq_len: {t.seq_len} is longer than the model's position table (model.max_seq_len={m.max_seq_len})"
     )
-  if t.grad_accum <= 0 or t.global_batch % t.grad_accum:
-    raise ConfigError(
-      f"train.grad_accum: {t.grad_accum} must be positive and divide train.global_batch={t.global_batch}"
-    )
-  batch_shards = data_shards(cfg, n_devices)
-  micro = t.global_batch // t.grad_accum
-  if micro % batch_shards:
-    raise ConfigError(
-      f"train.global_batch: {t.global_batch} (/{t.grad_accum} microbatches = {micro}) is not divisible by the "
-      f"{batch_shards} data-parallel shards (mesh.data*mesh.fsdp)"
-    )
-  if t.nonfinite not in ("stop", "skip"):
-    raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")
-  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    if t[key] <= 0:
-      raise ConfigError(f"train.{key}: must be positive, got {t[key]}")
-  if t.eval_batches < 0:
-    raise ConfigError(f"train.eval_batches: must be >= 0, got {t.eval_batches}")
-  validate_optim(cfg.optim, t.steps)
+  check_batch("train.global_batch", int(t.global_batch), int(t.grad_accum), data_shards(cfg, n_devices))
+  check_schedule(cfg.optim, int(t.steps))
 
 
-def validate_optim(o, total_steps: int) -> None:
-  """Checks the optim section (one-line errors naming `optim.<key>`); `total_steps` is what the
-  schedule decays over when optim.decay_steps is 0."""
-  if o.lr_peak < 0:
-    raise ConfigError(f"optim.lr_peak: must be >= 0, got {o.lr_peak}")
-  if not 0 <= o.lr_end_ratio <= 1:
-    raise ConfigError(f"optim.lr_end_ratio: must be in [0, 1], got {o.lr_end_ratio}")
-  if o.warmup_steps < 0 or o.decay_steps < 0:
-    raise ConfigError("optim.warmup_steps/decay_steps: must be >= 0")
-  decay = o.decay_steps or total_steps
-  if o.schedule == "cosine" and o.warmup_steps >= decay:
+def check_schedule(o, total_steps: int) -> None:
+  """The cosine schedule's warmup ends before its decay (optim.decay_steps, 0 = total_steps)."""
+  decay = int(o.decay_steps) or int(total_steps)
+  if o.schedule == "cosine" and int(o.warmup_steps) >= decay:
     raise ConfigError(f"optim.warmup_steps: {o.warmup_steps} must be smaller than the decay steps ({decay})")
-  if o.schedule not in ("cosine", "constant"):
-    raise ConfigError(f"optim.schedule: must be 'cosine' or 'constant', got {o.schedule!r}")
-  if o.weight_decay < 0 or o.grad_clip_norm < 0:
-    raise ConfigError("optim.weight_decay/grad_clip_norm: must be >= 0")
-  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
-    raise ConfigError(f"optim.b1/b2: must be in [0, 1), got {o.b1}, {o.b2}")

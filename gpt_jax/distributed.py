@@ -28,8 +28,7 @@ from collections.abc import Sequence
 
 import jax
 
-from gpt_jax.checkpoint import WorkdirLock as _ProcessLock
-from gpt_jax.errors import CheckpointError, ConfigError
+from gpt_jax.errors import ConfigError
 
 log = logging.getLogger("gpt_jax")
 
@@ -314,39 +313,6 @@ def check_train(cfg) -> None:
     )
 
 
-class WorkdirLock:
-  """The workdir lock of a whole job: process 0 holds <workdir>/.lock (see checkpoint.WorkdirLock).
-
-  All processes learn whether process 0 got it, so a workdir in use by another run fails with the same
-  CheckpointError on every process instead of leaving the others waiting in their first collective.
-  Single-process: exactly checkpoint.WorkdirLock.
-  """
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self._lock = None
-
-  def __enter__(self) -> WorkdirLock:
-    if jax.process_count() == 1:
-      self._lock = _ProcessLock(self.workdir).acquire()
-      return self
-    error = ""
-    if is_main():
-      try:
-        self._lock = _ProcessLock(self.workdir).acquire()
-      except CheckpointError as e:
-        error = str(e)
-    views = exchange("workdir_lock", error)
-    if views[0]:
-      raise CheckpointError(views[0] if is_main() else f"process 0 could not lock the workdir: {views[0]}")
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._lock is not None:
-      self._lock.release()
-      self._lock = None
-
-
 def add_flags(parser) -> None:
   """Adds --coordinator_address, --num_processes, --process_id, --init_timeout_s to an argparse parser."""
   g = parser.add_argument_group("multi-process (optional; auto-detected on Cloud TPU, SLURM, Open MPI)")
@@ -411,3 +377,20 @@ def main_first(fn, *, what: str, timeout_s: int = 24 * 3600):
   if status:
     raise GptJaxError(f"{what} failed on process 0: {status}")
   return fn()
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of the job reached this point (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """A pytree of (possibly multi-host) global arrays as numpy arrays, the same on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -19,3 +19,14 @@ class CheckpointError(GptJaxError):
 
 class TrainingError(GptJaxError, RuntimeError):
   """Training cannot go on (non-finite loss, preemption bookkeeping, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM outside a training step (a training loop saves first and raises Preempted)."""
+
+  EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, what schedulers expect
+
+  def __init__(self, signame: str = "SIGINT"):
+    super().__init__(signame)
+    self.signame = signame
+    self.code = self.EXIT_CODES[signame]

@@ -1,8 +1,7 @@
 """Scalar heads over the transformer's final hidden states (reward model, value model).
 
-A model with a head keeps it beside the transformer's parameters: params = {**transformer params,
-"score_head": {"w": (D,), "b": ()}}. `trainer.Model.build(..., head=True)` lays this out, shards it
-and strips the head before calling the transformer.
+A model with a head keeps its parameters as {"trunk": the transformer's params, "head": {"w": (D,),
+"b": ()}}; `placed.Model.build(..., head=True)` lays this out and shards it.
 
 Legend: B batch, T time, D model width.
 """
@@ -12,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-HEAD = "score_head"
+TRUNK, HEAD = "trunk", "head"
 
 
 def head_shapes(d_model: int, dtype=jnp.float32) -> dict:
@@ -26,13 +25,6 @@ def head_axes() -> dict:
 def init_head(d_model: int, dtype=jnp.float32) -> dict:
   """Zero-initialised head: every sequence starts with score 0."""
   return {"w": jnp.zeros((d_model,), dtype), "b": jnp.zeros((), dtype)}
-
-
-def split_head(params: dict) -> tuple[dict, dict | None]:
-  """(transformer params, head params or None)."""
-  if HEAD not in params:
-    return params, None
-  return {k: v for k, v in params.items() if k != HEAD}, params[HEAD]
 
 
 def scores_BT(hidden_BTD: jax.Array, head: dict) -> jax.Array:

@@ -1,86 +1,53 @@
-"""Loading a trained model from any stage's workdir, for sampling (chat, report, notebooks)."""
+"""Loading the model of any run directory for sampling (chat, report, notebooks, evaluation)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-import jax
-
-from gpt_jax import checkpoint as ckpt_lib
-from gpt_jax import model as model_lib
-from gpt_jax import sharding
-from gpt_jax.data import load_any_tokenizer
-from gpt_jax.errors import CheckpointError
+from gpt_jax import placed, runs, sharding
 
 
 @dataclasses.dataclass
 class Loaded:
-  stage: str  # pretrain | sft | rm | ppo
-  workdir: str
-  cfg: model_lib.ModelConfig
-  graphdef: Any
+  run: runs.Run
+  model: placed.Model  # the plain transformer (a reward model's trunk, an RL run's policy)
   params: Any
   tokenizer: Any
-  mesh: Any
+
+  @property
+  def stage(self) -> str:
+    return self.run.stage
+
+  @property
+  def workdir(self) -> str:
+    return self.run.workdir
+
+  @property
+  def cfg(self):
+    return self.model.cfg
+
+  @property
+  def graphdef(self):
+    return self.model.graphdef
+
+  @property
+  def mesh(self):
+    return self.model.mesh
 
   @property
   def is_chat(self) -> bool:
-    """Finetuned models answer in the chat template; a pretrained one only continues text."""
-    return self.stage != "pretrain"
+    """Finetuned models answer in the chat template; a pretrained (or imported) one continues text."""
+    return self.run.is_chat
 
 
-def _workdir_of(path: str) -> str:
-  p = os.path.abspath(os.path.expanduser(path))
-  for cand in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
-    if os.path.exists(os.path.join(cand, "config.json")):
-      return cand
-  raise CheckpointError(
-    f"{path}: no config.json here or above it (expected a stage workdir or a checkpoint in one)"
-  )
-
-
-def _read_config(workdir: str) -> dict:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return json.load(f)
-
-
-def model_config_of(workdir: str) -> tuple[str, dict]:
-  """(stage, model config dict) of a stage workdir; a PPO workdir's model is its SFT policy's."""
-  cfg = _read_config(workdir)
-  stage = cfg.get("stage", "pretrain")
-  if "model" in cfg:
-    return stage, cfg["model"]
-  sft_dir = (cfg.get("ppo") or {}).get("sft_workdir")
-  if sft_dir and os.path.exists(os.path.join(sft_dir, "config.json")):
-    return stage, _read_config(sft_dir)["model"]
-  raise CheckpointError(f"{workdir}/config.json has no model config")
-
-
-def load(path: str, *, mesh=None, items=("params", "policy")) -> Loaded:
-  """The newest valid checkpoint of a workdir (or the given checkpoint path), placed on `mesh`
-  (default: all devices as data-parallel replicas), with its model config and tokenizer."""
-  workdir = _workdir_of(path)
-  stage, model_dict = model_config_of(workdir)
-  model_cfg = model_lib.ModelConfig.from_config(model_dict)
+def load(path: str, *, mesh=None, what: str = "--workdir") -> Loaded:
+  """The model of the run at `path` (a workdir, a checkpoint in one, or an import), its newest valid
+  checkpoint placed on `mesh` (default: all devices as data-parallel replicas), and its tokenizer."""
+  run = runs.open(path, what)
   mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  graphdef, shapes, axes = model_lib.abstract(model_cfg)
-  shardings = sharding.tree_shardings(mesh, axes, shapes)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  ckpt = path if os.path.abspath(path) != workdir else os.path.join(workdir, "checkpoints")
-  errors = []
-  for item in items:
-    try:
-      params = ckpt_lib.restore_params(ckpt, abstract, item=item)
-      break
-    except CheckpointError as e:
-      errors.append(str(e))
-  else:
-    raise CheckpointError(f"{path}: no model parameters found ({'; '.join(errors)})")
-  tokenizer = load_any_tokenizer(workdir)
-  return Loaded(stage, workdir, model_cfg, graphdef, params, tokenizer, mesh)
+  model = placed.Model.build(run.model_config(), mesh)
+  return Loaded(run, model, run.restore(model.abstract()), run.tokenizer())
 
 
 def prompt_ids(loaded: Loaded, messages_or_text) -> list[int]:

@@ -186,3 +186,140 @@ def adaptive_kl_coef(coef: float, observed_kl: float, target_kl: float, n_steps:
   the observed KL is above target and shrinks below it, by at most 20% of the error per horizon."""
   error = min(max(observed_kl / target_kl - 1.0, -0.2), 0.2)
   return coef * (1.0 + error * n_steps / horizon)
+
+
+def lm_loss(apply_fn, *, document_mask: bool = True, z_loss: float = 0.0):
+  """The next-token loss over a batch of the shared schema (data/batch.py) for the model
+  `apply_fn(params, inputs, positions, segment_ids) -> Output`: `loss_fn(params, batch, rng)`.
+  Segment ids keep packed documents apart unless document_mask is False."""
+
+  def loss_fn(params, batch, rng):
+    del rng
+    segments = batch["segment_ids"] if document_mask else None
+    out = apply_fn(params, batch["inputs"], batch["positions"], segments)
+    return next_token_xent(out.logits, batch["targets"], batch["loss_mask"], z_loss)
+
+  return loss_fn
+
+
+# --- critic-free policy optimisation (GRPO / Dr. GRPO) -------------------------------------------
+# Legend: G prompts (groups), K samples per prompt, B = G * K rollouts, N response tokens.
+
+
+def group_advantages(rewards_GK, *, scale: bool = True, eps: float = 1e-4):
+  """Group-relative advantages of GRPO (Shao et al. 2024): each sample's reward minus the mean of its
+  prompt's group, divided by the group's standard deviation (population, ddof 0) + eps when `scale`;
+  scale=False is Dr. GRPO (Liu et al. 2025), which drops the division (it up-weights near-unanimous
+  groups). A group whose rewards are all equal gets advantage 0 either way. float32 (G, K)."""
+  r = rewards_GK.astype(jnp.float32)
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  if not scale:
+    return centred
+  return centred / (jnp.std(r, axis=1, keepdims=True) + eps)
+
+
+def k3_kl(logp_BN, ref_logp_BN, mask_BN=None):
+  """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020) on tokens sampled from pi:
+  exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased, lower variance than logp - ref.
+  float32 (B, N), 0 where mask is 0."""
+  d = ref_logp_BN.astype(jnp.float32) - logp_BN.astype(jnp.float32)
+  kl = jnp.exp(d) - d - 1.0
+  return kl if mask_BN is None else kl * mask_BN.astype(jnp.float32)
+
+
+def grpo_policy_loss(
+  logp_BN,
+  old_logp_BN,
+  ref_logp_BN,
+  advantages_B,
+  mask_BN,
+  *,
+  clip: float = 0.2,
+  kl_coef: float = 0.0,
+  per: str = "token",
+):
+  """GRPO's objective (to minimize): the clipped surrogate -min(ratio A, clip(ratio, 1 ± clip) A) with
+  one advantage per sequence (advantages_B, e.g. group_advantages flattened), plus kl_coef times the
+  k3 KL to the frozen reference (k3_kl), in the loss rather than in the reward; no critic.
+
+  per="token": loss_sum sums over all response tokens and the weight is their count (every token
+  weighs the same: DAPO / Dr. GRPO); per="sequence": each sequence's token mean, summed over
+  sequences, weight = sequences with a token (the GRPO paper's 1/|o_i|). Returns (loss_sum, weight,
+  aux sums over the same unit: pg_loss, kl (k3 to the reference), policy_clipfrac, approx_kl (to old)).
+  """
+  if per not in ("token", "sequence"):
+    raise ValueError(f"grpo_policy_loss: per must be 'token' or 'sequence', got {per!r}")
+  mask = mask_BN.astype(jnp.float32)
+  adv_B1 = advantages_B.astype(jnp.float32)[:, None]
+  ratio = jnp.exp(logp_BN - old_logp_BN)
+  unclipped = -adv_B1 * ratio
+  clipped = -adv_B1 * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
+  pg_BN = jnp.maximum(unclipped, clipped)
+  kl_BN = k3_kl(logp_BN, ref_logp_BN)
+  per_token = {
+    "loss": pg_BN + kl_coef * kl_BN,
+    "pg_loss": pg_BN,
+    "kl": kl_BN,
+    "policy_clipfrac": (clipped > unclipped).astype(jnp.float32),
+    "approx_kl": 0.5 * jnp.square(logp_BN - old_logp_BN),
+  }
+  if per == "token":
+    sums = {k: jnp.sum(v * mask) for k, v in per_token.items()}
+    weight = jnp.sum(mask)
+  else:
+    n_B = jnp.sum(mask, axis=1)
+    w_B = 1.0 / jnp.maximum(n_B, 1.0)
+    sums = {k: jnp.sum(jnp.sum(v * mask, axis=1) * w_B) for k, v in per_token.items()}
+    weight = jnp.sum((n_B > 0).astype(jnp.float32))
+  loss_sum = sums.pop("loss")
+  return loss_sum, weight, {f"{k}_sum": v for k, v in sums.items()}
+
+
+# --- direct preference optimisation -------------------------------------------------------------
+
+
+def dpo_loss(
+  policy_chosen_B,
+  policy_rejected_B,
+  ref_chosen_B,
+  ref_rejected_B,
+  pair_mask_B=None,
+  *,
+  beta: float = 0.1,
+  kind: str = "sigmoid",
+  label_smoothing: float = 0.0,
+):
+  """DPO (Rafailov et al. 2023) over preference pairs, from each response's summed log-prob under
+  the policy and the frozen reference. With h = (pi_c - ref_c) - (pi_r - ref_r):
+
+    sigmoid: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   (ls = label_smoothing, cDPO)
+    ipo:     (h - 1 / (2 beta))^2                                       (Azar et al. 2023)
+
+  The implicit reward of a response is beta (pi - ref); a pair counts as right when the chosen one's
+  is higher (h > 0), half when they tie. Returns (loss_sum, pairs, aux sums: accuracy, margin (beta h), chosen_reward,
+  rejected_reward).
+  """
+  if kind not in ("sigmoid", "ipo"):
+    raise ValueError(f"dpo_loss: kind must be 'sigmoid' or 'ipo', got {kind!r}")
+  mask = (
+    jnp.ones_like(policy_chosen_B, jnp.float32) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
+  )
+  f32 = lambda x: x.astype(jnp.float32)
+  chosen_B = f32(policy_chosen_B) - f32(ref_chosen_B)
+  rejected_B = f32(policy_rejected_B) - f32(ref_rejected_B)
+  h_B = chosen_B - rejected_B
+  if kind == "sigmoid":
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
+      beta * h_B
+    ) - label_smoothing * jax.nn.log_sigmoid(-beta * h_B)
+  else:
+    per_pair = jnp.square(h_B - 1.0 / (2.0 * beta))
+  aux = {
+    # A tie (|h| below float rounding of summed log-probs: e.g. the policy still is the reference)
+    # counts half, so the untrained policy scores 0.5, not whatever the rounding's sign says.
+    "accuracy_sum": jnp.sum(jnp.where(jnp.abs(h_B) <= 1e-4, 0.5, (h_B > 0).astype(jnp.float32)) * mask),
+    "margin_sum": jnp.sum(beta * h_B * mask),
+    "chosen_reward_sum": jnp.sum(beta * chosen_B * mask),
+    "rejected_reward_sum": jnp.sum(beta * rejected_B * mask),
+  }
+  return jnp.sum(per_pair * mask), jnp.sum(mask), aux

@@ -7,11 +7,11 @@ in <workdir>/tb) and shows a Progress; StepTimer turns step completions into ste
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
-import socket
 import struct
 import sys
 import time
@@ -41,7 +41,8 @@ def _to_python(v: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends metrics to <workdir>/metrics.jsonl (flushed per write) and TensorBoard event files in <workdir>/tb.
+  """Appends metrics to <workdir>/metrics.jsonl (flushed per write) and TensorBoard event files in <workdir>/tb
+  (written by tensorboardX, on the disk within TB_FLUSH_SECS and at close).
 
   enabled=False (non-zero processes) makes every method a no-op.
   """
@@ -120,161 +121,81 @@ def read_metrics(workdir_or_file: str) -> list[dict]:
 def read_tb_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
   """Returns {tag: [(step, value), ...]} from the TensorBoard event files in tb_dir, in file order.
 
-  Records with a bad checksum or cut short by a crash are skipped.
+  Records with a bad checksum are skipped; a file's reading stops at a record cut short by a crash.
   """
+  tbx = _tensorboardx()
+  masked_crc32c, event_pb2 = tbx.record_writer.masked_crc32c, tbx.proto.event_pb2
   out: dict[str, list[tuple[int, float]]] = {}
   for name in sorted(os.listdir(tb_dir)):
     if "tfevents" not in name:
       continue
     with open(os.path.join(tb_dir, name), "rb") as f:
       data = f.read()
-    pos = 0
+    pos = 0  # TFRecord framing: u64 length, u32 masked crc of it, the record, u32 masked crc of the record
     while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      header, (header_crc,) = data[pos : pos + 8], struct.unpack("<I", data[pos + 8 : pos + 12])
+      (length,) = struct.unpack("<Q", header)
       end = pos + 12 + length
-      if end + 4 > len(data):
+      if masked_crc32c(header) != header_crc or end + 4 > len(data):
         break
       body, (crc,) = data[pos + 12 : end], struct.unpack("<I", data[end : end + 4])
       pos = end + 4
-      if _masked_crc32c(body) == crc:
-        for tag, step, value in _decode_scalars(body):
-          out.setdefault(tag, []).append((step, value))
+      if masked_crc32c(body) == crc:
+        event = event_pb2.Event.FromString(body)
+        for v in event.summary.value:
+          if v.WhichOneof("value") == "simple_value":
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
   return out
 
 
 # ----------------------------------------------------------------------------- TensorBoard event files
-# Written by hand (TFRecord framing around the Event protobuf, scalars only): importing tensorboardX pulls
-# in torch when it is installed, seconds and hundreds of MB in every training process, for a few bytes.
+
+# Events reach the disk within this many seconds (tensorboardX writes them on a background thread).
+TB_FLUSH_SECS = 5
+_TB_FILE_IDS = itertools.count()
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    table.append(crc)
-  return table
+@contextlib.contextmanager
+def _torch_hidden() -> Iterator[None]:
+  """Makes `import torch` fail inside the block, unless torch is already imported."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
+  try:
+    yield
+  finally:
+    if hide and sys.modules.get("torch", False) is None:
+      del sys.modules["torch"]
 
 
-_CRC32C = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-  """Returns TFRecord's masked CRC-32C (Castagnoli) of data."""
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1  # Negative int64 values are encoded as their 64-bit two's complement.
-  out = bytearray()
-  while True:
-    byte, n = n & 0x7F, n >> 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _encode_event(
-  wall_time: float, step: int, *, file_version: str = "", scalars: dict | None = None
-) -> bytes:
-  """Returns a serialized tensorboard Event (wall_time=1, step=2, file_version=3, summary=5)."""
-  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version:
-    out += _field_bytes(3, file_version.encode())
-  if scalars:  # Summary.value=1 -> Value{tag=1, simple_value=2 (float32)}
-    values = b"".join(
-      _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-      for tag, value in scalars.items()
-    )
-    out += _field_bytes(5, values)
-  return out
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-  value, shift = 0, 0
-  while True:
-    byte = data[pos]
-    pos += 1
-    value |= (byte & 0x7F) << shift
-    shift += 7
-    if not byte & 0x80:
-      return value, pos
-
-
-def _fields(data: bytes):
-  """Yields (field number, wire type, value) of a protobuf message; value is int, or bytes for wire types 1/2/5."""
-  pos = 0
-  while pos < len(data):
-    key, pos = _read_varint(data, pos)
-    number, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _read_varint(data, pos)
-    elif wire in (1, 5):
-      size = 8 if wire == 1 else 4
-      value, pos = data[pos : pos + size], pos + size
-    elif wire == 2:
-      size, pos = _read_varint(data, pos)
-      value, pos = data[pos : pos + size], pos + size
-    else:
-      return
-    yield number, wire, value
-
-
-def _decode_scalars(event: bytes) -> list[tuple[str, int, float]]:
-  """Returns [(tag, step, simple_value)] of one serialized Event."""
-  step, summaries = 0, []
-  for number, wire, value in _fields(event):
-    if number == 2 and wire == 0:
-      step = value - (1 << 64) if value >= 1 << 63 else value
-    elif number == 5 and wire == 2:
-      summaries.append(value)
-  out = []
-  for summary in summaries:
-    for number, _, value in _fields(summary):
-      if number != 1:
-        continue
-      tag, simple = None, None
-      for n, w, v in _fields(value):
-        if n == 1 and w == 2:
-          tag = v.decode()
-        elif n == 2 and w == 5:
-          simple = struct.unpack("<f", v)[0]
-      if tag is not None and simple is not None:
-        out.append((tag, step, simple))
-  return out
+def _tensorboardx():
+  """Returns the tensorboardX package (with its proto and record_writer modules loaded)."""
+  # tensorboardX imports torch at load, only to accept torch tensors (gpt_jax passes none): with torch
+  # installed that costs every training process about a second and 200 MB, so torch is hidden meanwhile.
+  with _torch_hidden():
+    import tensorboardX
+    import tensorboardX.proto.event_pb2
+    import tensorboardX.proto.summary_pb2
+    import tensorboardX.record_writer
+  return tensorboardX
 
 
 class _EventFileWriter:
-  """Appends scalar summaries to <logdir>/events.out.tfevents.<time>.<host>.<pid>, flushed per write."""
+  """Scalar summaries into <logdir>/events.out.tfevents.<time>.<host>.<pid>.<n> through tensorboardX."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
-    self._write(_encode_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _write(self, event: bytes) -> None:
-    header = struct.pack("<Q", len(event))
-    self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + event)
-    self._file.write(struct.pack("<I", _masked_crc32c(event)))
-    self._file.flush()
+    tbx = _tensorboardx()
+    self._summary = tbx.proto.summary_pb2.Summary
+    suffix = f".{os.getpid()}.{next(_TB_FILE_IDS):03d}"  # one file per writer, even within one second
+    self._writer = tbx.FileWriter(logdir, flush_secs=TB_FLUSH_SECS, filename_suffix=suffix)
 
   def write_scalars(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
     if scalars:
-      self._write(_encode_event(wall_time, step, scalars={k: float(v) for k, v in scalars.items()}))
+      values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+      self._writer.add_summary(self._summary(value=values), step, wall_time)
 
   def close(self) -> None:
-    self._file.close()
+    self._writer.close()
 
 
 # ----------------------------------------------------------------------------- progress

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt_jax import sharding
+from gpt_jax.config import Key, check_value
 from gpt_jax.errors import ConfigError
 
 Array = jax.Array
@@ -71,37 +72,20 @@ class ModelConfig:
     return self.head_dim or self.d_model // self.num_heads
 
   def validate(self) -> ModelConfig:
-    """Raises ConfigError naming the first bad key (as `model.<key>`)."""
+    """Raises ConfigError naming the first bad key (as `model.<key>`): each key's type and bounds
+    (SCHEMA), then the keys against each other."""
+    for f in dataclasses.fields(self):
+      check_value(f"model.{f.name}", getattr(self, f.name), SCHEMA[f.name])
 
     def bad(key, msg):
       raise ConfigError(f"model.{key}: {msg}")
 
-    for key in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "d_model"):
-      if int(getattr(self, key)) <= 0:
-        bad(key, f"must be positive, got {getattr(self, key)}")
-    for key in ("num_kv_heads", "d_ff", "head_dim"):
-      if int(getattr(self, key)) < 0:
-        bad(key, f"must be >= 0 (0 derives it), got {getattr(self, key)}")
     if not self.head_dim and self.d_model % self.num_heads:
       bad("num_heads", f"{self.num_heads} does not divide d_model={self.d_model}")
     if self.num_heads % self.kv_heads:
       bad("num_kv_heads", f"{self.kv_heads} does not divide num_heads={self.num_heads}")
-    choices = {
-      "norm": ("layernorm", "rmsnorm"),
-      "pos_emb": ("learned", "rope"),
-      "mlp": ("gelu", "swiglu"),
-      "dtype": ("float32", "bfloat16", "float16"),
-      "param_dtype": ("float32", "bfloat16"),
-      "remat_policy": tuple(REMAT_POLICIES),
-      "attention_impl": ("auto", "xla", "cudnn", "blocked"),
-    }
-    for key, allowed in choices.items():
-      if getattr(self, key) not in allowed:
-        bad(key, f"must be one of {allowed}, got {getattr(self, key)!r}")
     if self.pos_emb == "rope" and self.q_dim % 2:
       bad("head_dim", f"rotary embeddings need an even head dim, got {self.q_dim}")
-    if self.init_std <= 0 or self.norm_eps <= 0:
-      bad("init_std" if self.init_std <= 0 else "norm_eps", "must be positive")
     return self
 
   @classmethod
@@ -163,10 +147,44 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _schema() -> dict:
+  """model.* keys: ModelConfig's defaults with their bounds and choices (see config.Key)."""
+  spec = {
+    "vocab_size": dict(bounds="> 0"),
+    "max_seq_len": dict(bounds="> 0"),
+    "num_layers": dict(bounds="> 0"),
+    "num_heads": dict(bounds="> 0"),
+    "num_kv_heads": dict(bounds=">= 0"),  # 0 derives it
+    "d_model": dict(bounds="> 0"),
+    "d_ff": dict(bounds=">= 0"),
+    "head_dim": dict(bounds=">= 0"),
+    "norm": dict(choices=("layernorm", "rmsnorm")),
+    "norm_eps": dict(bounds="> 0"),
+    "pos_emb": dict(choices=("learned", "rope")),
+    "rope_theta": dict(bounds="> 0"),
+    "mlp": dict(choices=("gelu", "swiglu")),
+    "init_std": dict(bounds="> 0"),
+    "dtype": dict(choices=("float32", "bfloat16", "float16")),
+    "param_dtype": dict(choices=("float32", "bfloat16")),
+    # How the same weights are computed: these may change when a run is resumed.
+    "scan_layers": dict(resumable=True),
+    "remat_policy": dict(choices=tuple(REMAT_POLICIES), resumable=True),
+    "attention_impl": dict(choices=("auto", "xla", "cudnn", "blocked"), resumable=True),
+  }
+  return {f.name: Key(f.default, **spec.get(f.name, {})) for f in dataclasses.fields(ModelConfig)}
+
+
 def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ConfigError(f"model preset {name!r} is unknown; known: {', '.join(PRESETS)}")
   return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+
+
+def preset_config(name: str, **overrides):
+  """A model preset as an ml_collections ConfigDict holding every model key (the `model` section)."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(dataclasses.asdict(preset(name, **overrides)))
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -376,6 +394,18 @@ REMAT_POLICIES = {
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+SCHEMA = _schema()
+# Keys that change neither the shapes nor the meaning of the weights: a checkpoint trained with other
+# values of these starts another run as well (every other model key must match the checkpoint's).
+WEIGHT_NEUTRAL_KEYS = (
+  "family",
+  "init_std",
+  "dtype",
+  "param_dtype",
+  "scan_layers",
+  "remat_policy",
+  "attention_impl",
+)
 
 
 class Output(NamedTuple):

@@ -1,4 +1,5 @@
-"""The model-free pieces of PPO: the rollout layout, reward assembly, prompt order and the alarms.
+"""The RL pieces the PPO and GRPO stages share: the rollout layout, response log-probs, reward
+assembly, advantages, prompt order and the alarms.
 
 Legend: B rollouts, P padded prompt length, N max new tokens, S = P + N + 1 slots of a whole rollout.
 
@@ -10,40 +11,61 @@ P + j - 1, which is also where the critic values the state before token j.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import losses
+from gpt_jax import heads, losses
+from gpt_jax import model as model_lib
 from gpt_jax.errors import DataError
 
 
-def rollout_layout(tokens_BP, lengths_B, response_BN, response_mask_BN, eos_id: int) -> dict[str, np.ndarray]:
-  """The whole rollouts as one forward pass reads them, S = P + N + 1 slots per row.
+def rollout_layout(tokens_BP, lengths_B, response_BN, response_mask_BN, eos_id: int) -> dict:
+  """The whole rollouts as one forward pass reads them, S = P + N + 1 slots per row (jnp; jittable).
 
   Each row is its left-padded prompt, its response (pad after its end), and `eos_id` written right
   after the response's last token, where the reward model reads its head (the reward model scores
-  "prompt + response + eos", as it was trained). Returns numpy arrays: tokens (B, S) int32;
-  positions (B, S) int32 counted from each row's first real token; segment_ids (B, S) int32, 0 on
-  the left padding (which then attends only to itself) and 1 from the prompt on; end_index (B,) int32,
-  the slot of that eos.
+  "prompt + response + eos", as it was trained). Returns int32 arrays: tokens (B, S); positions (B, S)
+  counted from each row's first real token; segment_ids (B, S), 0 on the left padding (which then
+  attends only to itself) and 1 from the prompt on; end_index (B,), the slot of that eos.
   """
-  tokens_BP = np.asarray(tokens_BP, np.int32)
+  tokens_BP = jnp.asarray(tokens_BP, jnp.int32)
   B, P = tokens_BP.shape
   N = response_BN.shape[1]
-  pad_B = P - np.asarray(lengths_B, np.int32)
-  n_B = np.asarray(response_mask_BN, np.int32).sum(axis=1)
-  tokens_BS = np.concatenate(
-    [tokens_BP, np.asarray(response_BN, np.int32), np.zeros((B, 1), np.int32)], axis=1
+  pad_B = P - jnp.asarray(lengths_B, jnp.int32)
+  n_B = jnp.sum(jnp.asarray(response_mask_BN, jnp.int32), axis=1)
+  tokens_BS = jnp.concatenate(
+    [tokens_BP, jnp.asarray(response_BN, jnp.int32), jnp.zeros((B, 1), jnp.int32)], axis=1
   )
-  end_B = (P + n_B).astype(np.int32)
-  tokens_BS[np.arange(B), end_B] = eos_id
-  t_S = np.arange(P + N + 1, dtype=np.int32)
+  end_B = (P + n_B).astype(jnp.int32)
+  tokens_BS = tokens_BS.at[jnp.arange(B), end_B].set(eos_id)
+  t_S = jnp.arange(P + N + 1, dtype=jnp.int32)
   return {
     "tokens": tokens_BS,
-    "positions": np.maximum(t_S[None, :] - pad_B[:, None], 0).astype(np.int32),
-    "segment_ids": (t_S[None, :] >= pad_B[:, None]).astype(np.int32),
+    "positions": jnp.maximum(t_S[None, :] - pad_B[:, None], 0).astype(jnp.int32),
+    "segment_ids": (t_S[None, :] >= pad_B[:, None]).astype(jnp.int32),
     "end_index": end_B,
   }
+
+
+def response_logits(cfg, trunk, hidden_BSD, P: int, N: int):
+  """Logits (B, N, V) float32 of the N response tokens: the output head on hidden slots [P-1, P-1+N)
+  only, so the prompt's (B, P, V) logits are never formed."""
+  h_BND = jax.lax.dynamic_slice_in_dim(hidden_BSD, P - 1, N, axis=1)
+  return jnp.einsum("bnd,dv->bnv", h_BND, model_lib.output_head_DV(cfg, trunk)).astype(jnp.float32)
+
+
+def response_values(hidden_BSD, head, P: int, N: int):
+  """A head's values (B, N) of the states before each response token (slots [P-1, P-1+N))."""
+  return heads.scores_BT(jax.lax.dynamic_slice_in_dim(hidden_BSD, P - 1, N, axis=1), head)
+
+
+def response_logprobs(model, params, rows, P: int, N: int, temperature: float):
+  """(log-probs (B, N) of the response tokens at the sampling temperature, logits (B, N, V), the
+  forward pass's hidden states) of a plain model on rollout rows."""
+  out = model.apply(params, rows["tokens"], rows["positions"], rows["segment_ids"], compute_logits=False)
+  logits_BNV = response_logits(model.cfg, model.trunk(params), out.hidden, P, N) / temperature
+  return losses.token_logprobs(logits_BNV, rows["tokens"][:, P : P + N]), logits_BNV, out.hidden
 
 
 def assemble_rewards(
@@ -83,12 +105,20 @@ def advantages(rewards_BN, values_BN, mask_BN, *, gamma: float, lam: float, whit
   return adv_BN, returns_BN
 
 
-def explained_variance(values, returns, mask) -> float:
-  """1 - Var(returns - values) / Var(returns) over the masked entries (1 is a perfect critic)."""
-  m = np.asarray(mask, bool)
-  v, r = np.asarray(values, np.float64)[m], np.asarray(returns, np.float64)[m]
-  var = r.var() if r.size else 0.0
-  return float(1.0 - (r - v).var() / var) if var > 0 else float("nan")
+def explained_variance(values_BN, returns_BN, mask_BN):
+  """1 - Var(returns - values) / Var(returns) over the masked entries (1 is a perfect critic; NaN when
+  the returns do not vary). jnp; jittable."""
+  m = mask_BN.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+
+  def var(x):
+    mean = jnp.sum(x * m) / n
+    return jnp.sum(jnp.square(x - mean) * m) / n
+
+  v_r = var(returns_BN.astype(jnp.float32))
+  return jnp.where(
+    v_r > 0, 1.0 - var((returns_BN - values_BN).astype(jnp.float32)) / jnp.where(v_r > 0, v_r, 1.0), jnp.nan
+  )
 
 
 class PromptOrder:

@@ -61,7 +61,7 @@ class SampleConfig:
     """Raises ConfigError naming the first bad key (as `sample.<key>`)."""
     if int(self.max_new_tokens) < 1:
       raise ConfigError(f"sample.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-    if self.temperature < 0:
+    if not self.temperature >= 0:  # NaN too
       raise ConfigError(f"sample.temperature: must be >= 0 (0 is greedy), got {self.temperature}")
     if int(self.top_k) < 0:
       raise ConfigError(f"sample.top_k: must be >= 0 (0 disables it), got {self.top_k}")
@@ -404,3 +404,55 @@ def stream(
     if token == eos_id or j == sample_cfg.max_new_tokens:
       return
     cache, tok_B = step(params, cache, tok_B, lengths_B, jnp.int32(j - 1), jax.random.fold_in(rng, j))
+
+
+class Replier:
+  """Replies to many token prompts in fixed-shape batches: one compiled sampler for the whole set.
+
+  Every call pads the prompts to `prompt_len` and the last chunk to `batch` rows (repeating its first
+  prompt), so every chunk has one shape. `batch` is rounded up to a multiple of `shards` (the
+  data-parallel shards), so every device gets rows. Chunk k samples with fold_in(key, k).
+  """
+
+  def __init__(
+    self,
+    cfg,
+    graphdef,
+    *,
+    eos_id: int,
+    pad_id: int,
+    prompt_len: int,
+    batch: int,
+    sample_cfg: SampleConfig,
+    mesh=None,
+    params_sharding=None,
+    shards: int = 1,
+  ):
+    self.pad_id, self.prompt_len = pad_id, int(prompt_len)
+    self.batch = -(-max(int(batch), 1) // shards) * shards
+    self.sampler = make_sampler(
+      cfg,
+      graphdef,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      max_prompt_len=self.prompt_len,
+      sample_cfg=sample_cfg,
+      mesh=mesh,
+      params_sharding=params_sharding,
+    )
+
+  def outputs(self, params, prompts: Sequence[Sequence[int]], key) -> Iterator[tuple[int, SampleOutput]]:
+    """Yields (offset of the chunk's first prompt, host SampleOutput of the chunk's real rows)."""
+    for k, lo in enumerate(range(0, len(prompts), self.batch)):
+      chunk = list(prompts[lo : lo + self.batch])
+      rows = chunk + [chunk[0]] * (self.batch - len(chunk))
+      tokens_BP, lengths_B = pad_prompts(rows, self.pad_id, self.prompt_len)
+      out = jax.device_get(self.sampler(params, tokens_BP, lengths_B, jax.random.fold_in(key, k)))
+      yield lo, SampleOutput(*(x[: len(chunk)] for x in out))
+
+  def __call__(self, params, prompts: Sequence[Sequence[int]], key) -> list[list[int]]:
+    """One reply per prompt: its generated ids (ending with eos unless cut at max_new_tokens)."""
+    replies = []
+    for _, out in self.outputs(params, prompts, key):
+      replies += [row[: int(n)].tolist() for row, n in zip(out.tokens, out.lengths)]
+    return replies

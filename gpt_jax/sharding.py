@@ -149,3 +149,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh is None or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, named(mesh, axes, x.shape))
+
+
+def abstract(shapes, shardings):
+  """`shapes` (a tree of ShapeDtypeStructs or arrays) as ShapeDtypeStructs carrying `shardings`: what
+  jitted initializers and checkpoint restores place arrays by."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

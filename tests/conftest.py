@@ -51,7 +51,7 @@ def prepared_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(prepared_dir, tmp_path_factory):
-  """A whole tiny pipeline run (pretrain, sft, rm, ppo, report), made once per session."""
+  """A whole tiny pipeline run (every entry of the demo, the evaluation and the report), made once per session."""
   from gpt_jax.stages import pipeline
   from tests.helpers import seed_workdir, tiny_pipeline_config
 
@@ -59,3 +59,11 @@ def tiny_pipeline_dir(prepared_dir, tmp_path_factory):
   seed_workdir(prepared_dir, os.path.join(d, "pretrain"))
   pipeline.run(tiny_pipeline_config(), d, log_fn=lambda *a: None)
   return d
+
+
+@pytest.fixture(scope="session")
+def rl_runs(tmp_path_factory):
+  """(sft workdir, rm workdir, tokenizer dir): stand-in runs the RL stages start from (helpers.make_rl_runs)."""
+  from tests.helpers import make_rl_runs
+
+  return make_rl_runs(str(tmp_path_factory.mktemp("rl_src")))

@@ -2,7 +2,8 @@
 
 SPEC_JSON keys: coordinator_address, num_processes, process_id, init_timeout_s (given to
 gpt_jax.distributed.initialize as a real launcher would), workdir and overrides (a tiny pretraining
-config, see tests/helpers.py), mode ("pretrain" or "init": stop after joining and checking the config),
+config, see tests/helpers.py), mode ("pretrain"; "init": stop after joining and checking the config;
+"lock": then take the job's workdir lock, as a stage does first),
 stall_at (optional: the train loader blocks before batch k, so the test can kill a run mid-way) and
 result (optional: a JSON file this process writes its view of the job to).
 
@@ -80,23 +81,20 @@ def main(spec: dict) -> dict:
     "rows": list(rows),
     "init_s": round(t_init, 2),
   }
-  if spec.get("mode", "pretrain") == "pretrain":
-    from gpt_jax import checkpoint
-    from gpt_jax import data as data_lib
-    from gpt_jax.stages import pretrain
+  if spec.get("mode") == "lock":
+    from gpt_jax.workdir import WorkdirLock
 
-    # The two changes pretrain.run needs for multi-process jobs, applied here until it makes them:
-    # one lock for the whole job, and data preparation by process 0 before the others verify it.
-    checkpoint.WorkdirLock = distributed.WorkdirLock
-    prepare = data_lib.prepare
-    data_lib.prepare = lambda *a, **k: distributed.main_first(lambda: prepare(*a, **k), what="data.prepare")
+    with WorkdirLock(spec["workdir"]):
+      view["locked"] = True
+  if spec.get("mode", "pretrain") == "pretrain":
+    from gpt_jax.stages import pretrain
 
     if spec.get("stall_at") is not None:
       _stall_loader(int(spec["stall_at"]))
     out = pretrain.run(cfg, spec["workdir"], log_fn=lambda *a: print(*a, file=sys.stderr, flush=True))
     view["run_s"] = round(time.perf_counter() - t0 - t_init, 2)
-    view["step"] = out["step"]
-    view["eval_loss"] = out["eval"].get("loss")
+    view["step"] = out.step
+    view["eval_loss"] = out.eval.get("loss")
   return view
 
 

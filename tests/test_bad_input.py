@@ -1,13 +1,12 @@
 """Bad input through the CLI: each case exits with status 2 and one line `gpt_jax: error: ...` that names
 the cause, before any training step is compiled, and every file already in the workdir is left as it was.
 
-`trainer.fit` (where steps are compiled) is replaced by a failure for every case, so reaching it fails
+`loop.run` (where steps are compiled) is replaced by a failure for every case, so reaching it fails
 the test; the workdir is hashed before and after.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -16,36 +15,24 @@ import pytest
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import trainer
+from gpt_jax import loop
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.__main__ import main
-from tests.helpers import REPO, TINY, seed_workdir
+from tests.helpers import REPO, TINY, seed_workdir, snapshot
 
 PRETRAIN = "--config=" + os.path.join(REPO, "experiments", "pretrain.py") + ":tiny"
 SFT = "--config=" + os.path.join(REPO, "experiments", "sft.py") + ":tiny"
 TINY_ARGS = [f"--config.{k}={v}" for k, v in TINY.items()]
 
 
-def _snapshot(workdir: str) -> dict[str, str]:
-  """relative path -> sha256 of every file under workdir (the lock file aside)."""
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, workdir)
-      if rel != ".lock":
-        with open(path, "rb") as f:
-          out[rel] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
   """Runs the CLI in-process; returns (status, stderr lines); fails the test if training is reached."""
 
-  def no_fit(*args, **kwargs):
-    raise AssertionError("bad input reached trainer.fit (compilation and training)")
+  def no_run(*args, **kwargs):
+    raise AssertionError("bad input reached loop.run (compilation and training)")
 
-  monkeypatch.setattr(trainer, "fit", no_fit)
+  monkeypatch.setattr(loop, "run", no_run)
 
   def run(*argv: str) -> tuple[int, list[str]]:
     capsys.readouterr()
@@ -65,12 +52,12 @@ def workdir(prepared_dir, tmp_path):
 
 
 def _check(cli, wd: str, args: list[str], expected: str, base=(PRETRAIN,)):
-  before = _snapshot(wd) if os.path.isdir(wd) else {}
+  before = snapshot(wd) if os.path.isdir(wd) else {}
   status, err = cli(_command(base[0]), *base, f"--workdir={wd}", *args)
   assert status == 2, err
   assert len(err) == 1 and err[0].startswith("gpt_jax: error: "), err
   assert expected in err[0], err[0]
-  after = _snapshot(wd) if os.path.isdir(wd) else {}
+  after = snapshot(wd) if os.path.isdir(wd) else {}
   assert {k: after.get(k) for k in before} == before  # nothing already written was changed or removed
   return err[0]
 
@@ -85,8 +72,8 @@ CONFIG_CASES = [
   ("unknown_section", ["--config.trian.steps=1"], "trian.steps: unknown config key ('trian' does not exist)"),
   ("wrong_type", ["--config.train.steps=many"], "train.steps: expected int, got 'many'"),
   ("out_of_range", ["--config.optim.lr_end_ratio=2.0"], "optim.lr_end_ratio: must be in [0, 1], got 2.0"),
-  ("nonpositive_steps", ["--config.train.steps=0"], "train.steps: must be positive, got 0"),
-  ("bad_choice", ["--config.train.nonfinite=ignore"], "train.nonfinite: must be 'stop' or 'skip'"),
+  ("nonpositive_steps", ["--config.train.steps=0"], "train.steps: must be > 0, got 0"),
+  ("bad_choice", ["--config.train.nonfinite=ignore"], "train.nonfinite: must be one of ('stop', 'skip')"),
   (
     "batch_not_divisible",
     ["--config.train.global_batch=12"],
@@ -156,7 +143,7 @@ def test_dataset_smaller_than_one_batch(cli, prepared_dir, tmp_path):
   wd = str(tmp_path / "wd")
   tok = os.path.join(prepared_dir, "tokenizer", "tokenizer.model")  # skips tokenizer training
   err = _check(
-    cli, wd, TINY_ARGS + _web_source(tiny) + [f"--config.data.tokenizer.model_path={tok}"], "source 'web'"
+    cli, wd, TINY_ARGS + _web_source(tiny) + [f"--config.data.tokenizer.path={tok}"], "source 'web'"
   )
   assert "fewer than seq_len + 1 = 33" in err
 
@@ -169,7 +156,7 @@ def test_unwritable_workdir(cli, tmp_path):
 
 
 def test_workdir_in_use(cli, workdir):
-  with ckpt_lib.WorkdirLock(workdir):
+  with workdir_lib.WorkdirLock(workdir):
     _check(cli, workdir, TINY_ARGS, f"workdir {workdir} is in use by process {os.getpid()}")
 
 
@@ -190,6 +177,10 @@ def test_init_checkpoint_of_another_architecture(cli, tmp_path):
   sft_model = config_lib.to_dict(config_lib.load(SFT.split("=", 1)[1]).model)
   wider = {**sft_model, "d_model": sft_model["d_model"] * 2}
   with ckpt_lib.Checkpointer(str(src / "checkpoints")) as ck:
-    ck.save(5, {"params": {"embed": np.zeros((4, 4), np.float32)}}, extra={"config": {"model": wider}})
+    ck.save(
+      5,
+      {"params": {"embed": np.zeros((4, 4), np.float32)}},
+      extra={"stage": "pretrain", "config": {"model": wider}},
+    )
   err = _check(cli, str(tmp_path / "sft"), [f"--config.train.init_from={src}"], "model.d_model", (SFT,))
-  assert f"differs from {wider['d_model']} in the init checkpoint" in err
+  assert f"differs from {wider['d_model']} in {src} (stage 'pretrain', step 5)" in err

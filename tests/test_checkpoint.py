@@ -1,4 +1,5 @@
-"""Checkpointer: roundtrip, resharding, keep-N, integrity fallbacks, disk full, architecture mismatch, lock."""
+"""Checkpointer: roundtrip, resharding, keep-N, integrity fallbacks, disk full, architecture mismatch;
+the workdir lock."""
 
 import errno
 import json
@@ -18,8 +19,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax.checkpoint import INTEGRITY_FILE, Checkpointer, WorkdirLock, restore_params
+from gpt_jax import integrity
+from gpt_jax.checkpoint import Checkpointer, restore_params
 from gpt_jax.errors import CheckpointError
+from gpt_jax.integrity import RECORD_FILE
+from gpt_jax.workdir import WorkdirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +94,7 @@ def test_roundtrip_is_bitwise_and_keeps_shardings(tmp_path, mesh8):
   _assert_tree_equal(restored, state)
   assert extra == {"loader": {"position": 123}, "config": {"lr": 1e-3}}
   assert restored["params"]["w"].sharding == state["params"]["w"].sharding
-  record = json.loads((tmp_path / "ckpt" / "7" / INTEGRITY_FILE).read_text())
+  record = json.loads((tmp_path / "ckpt" / "7" / RECORD_FILE).read_text())
   assert any(name.startswith("state/") for name in record["files"])
 
 
@@ -161,7 +165,7 @@ def test_unfinished_save_is_skipped_then_replaced(tmp_path, mesh8, caplog):
   with Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(1, _make_state(mesh8, 1), extra={"step": 1})
     ckpt.save(2, _make_state(mesh8, 2), extra={"step": 2})
-  os.remove(tmp_path / "2" / INTEGRITY_FILE)  # As if killed between orbax's finalize and our record.
+  os.remove(tmp_path / "2" / RECORD_FILE)  # As if killed between orbax's finalize and our record.
   (tmp_path / "3.orbax-checkpoint-tmp-1234").mkdir()  # As if killed in the middle of orbax's write.
   ckpt = Checkpointer(str(tmp_path))
   with caplog.at_level(logging.WARNING, logger="gpt_jax.checkpoint"):
@@ -285,19 +289,44 @@ def test_restore_params_from_dir_and_step_dir(tmp_path, mesh8):
     restore_params(str(tmp_path), {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32), "b": abstract["b"]})
 
 
+def test_integrity_record_check_and_cache(tmp_path):
+  d = tmp_path / "dir"
+  (d / "sub").mkdir(parents=True)
+  (d / "a.bin").write_bytes(b"abcd")
+  (d / "sub" / "b.bin").write_bytes(b"xyz")
+  assert integrity.check(str(d)) == f"no {RECORD_FILE} (save never finished)"
+  integrity.write_record(str(d))
+  record = json.loads((d / RECORD_FILE).read_text())
+  assert sorted(record["files"]) == ["a.bin", os.path.join("sub", "b.bin")] and record["format"] == 1
+  cache = integrity.Cache()
+  assert cache.check(str(d)) is None and integrity.check(str(d)) is None
+  st = os.stat(d / "a.bin")
+  (d / "a.bin").write_bytes(b"abce")  # same size, other bytes
+  os.utime(d / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock
+  assert cache.check(str(d)) == "file a.bin has a wrong crc32 (corrupted bytes)"
+  assert integrity.check(str(d), hashes=False) is None  # sizes only
+  (d / "sub" / "b.bin").unlink()
+  assert integrity.check(str(d), hashes=False) == f"file {os.path.join('sub', 'b.bin')} is missing"
+  assert integrity.check(str(tmp_path / "absent")) == "directory is missing"
+
+
 _HOLDER = """
-import sys, time
-from gpt_jax.checkpoint import WorkdirLock
+import sys
+from gpt_jax.workdir import WorkdirLock
 lock = WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
-time.sleep(60)
+sys.stdin.read()  # holds the lock until killed
 """
 
 
 def test_workdir_lock_refuses_second_holder_until_it_dies(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   holder = subprocess.Popen(
-    [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+    [sys.executable, "-c", _HOLDER, str(tmp_path)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    env=env,
+    text=True,
   )
   try:
     assert holder.stdout.readline().strip() == "locked"
@@ -310,7 +339,7 @@ def test_workdir_lock_refuses_second_holder_until_it_dies(tmp_path):
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     with pytest.raises(CheckpointError, match="in use by process"):
       WorkdirLock(str(tmp_path)).acquire()  # flock locks are per open file: also exclusive within a process.
-  assert lock._fd is None
+  assert not lock.held
 
 
 _SAVER = """

@@ -129,7 +129,8 @@ def test_manifest_from_other_tokenizer_is_refused(built, tmp_path):
     json.dump(m, f)
   before = snapshot(wd)
   with pytest.raises(
-    DataError, match=r"manifest .*/shards/eval/manifest.json was built with tokenizer 000000000000, not"
+    DataError,
+    match=r"manifest .*/shards/eval/manifest.json was built with the sentencepiece tokenizer 000000000000, not",
   ):
     prepare(cfg, wd, **BUDGET, **QUIET)
   assert snapshot(wd) == before

@@ -85,6 +85,38 @@ def test_embedded_corpus_is_deterministic_and_sized():
   assert 3e6 < total < 60e6  # a few MB to tens of MB of text
 
 
+def test_sections_and_html_text():
+  from gpt_jax.data.sources import _html_text, _sections
+
+  news = (
+    "What's New in 2.0\n(since 1.0)\nReleased on 2001\n=================\n\n" + "a" * 600 + "\n\n"
+    "What's New in 1.0\n=================\n\nshort\n\nOld\n---\n\n" + "b" * 600 + "\n"
+  )
+  parts = _sections(news)
+  assert [p.split("\n")[0] for p in parts] == ["What's New in 2.0", "What's New in 1.0"]
+  assert "".join(parts).replace("\n", "") == news.replace("\n", "")  # the short section joins the next
+  assert _sections("no heading\n") == ["no heading\n"]
+  page = (
+    "<html><head><title>t</title><script>var x;</script></head><body><div>nav</div>"
+    '<h1>Title<a class="headerlink" href="#t">\u00b6</a></h1><p>One &amp; two.</p><ul><li><p>item</p></li></ul>'
+    '<h3>Sub</h3><pre>code\n  indented</pre></div><div class="sphinxsidebar">sidebar</div></body></html>'
+  )
+  assert _html_text(page) == "Title\n=====\n\nOne & two.\n\nitem\n\nSub\n---\n\ncode\n  indented\n"
+
+
+def test_stdlib_prose_is_prose_and_not_a_copy_of_the_code():
+  import re
+
+  prose = docs(one(paths="stdlib_prose", format="embedded", min_chars=200, dedup=True))
+  assert len(prose) >= 100 and 2e5 < sum(len(d) for d in prose) < 2e6
+  assert any(d.startswith("A. HISTORY OF THE SOFTWARE") for d in prose)  # LICENSE.txt's first section
+  assert any(d.startswith("# Built-in type str\n") for d in prose)
+  code = re.sub(r"\s+", " ", "\n".join(docs(one(paths="stdlib_code", format="embedded"))))
+  paragraphs = [re.sub(r"\s+", " ", p) for d in prose for p in d.split("\n\n") if len(p) >= 80]
+  copied = sum(len(p) for p in paragraphs if p in code)
+  assert copied < 0.005 * sum(len(p) for p in paragraphs)
+
+
 def test_default_config_lists_every_key():
   cfg = default_data_config()
   srcs = parse_sources(cfg.sources)

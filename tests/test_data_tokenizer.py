@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from gpt_jax.data import check_vocab, load_tokenizer
+from gpt_jax import tokenizers as tok_lib
 from gpt_jax.data.sources import iter_documents, parse_sources
-from gpt_jax.data.tokenizer import SPECIAL_PIECES, train_tokenizer
 from gpt_jax.errors import DataError
+from gpt_jax.tokenizers import SPECIAL_PIECES, check_vocab, train_tokenizer
+from gpt_jax.tokenizers import sentencepiece as sp_tok
 
 SAMPLES = [
   "The quick brown fox jumps over the lazy dog.  Two spaces, a\ttab and a newline\n",
@@ -85,12 +86,22 @@ def test_render_chat_errors(tok):
 
 
 def test_save_load_hash(tok, tmp_path):
-  again = load_tokenizer(os.path.dirname(tok.path))
+  again = sp_tok.load(os.path.dirname(tok.path))
   assert again.sha256() == tok.sha256() and len(tok.sha256()) == 64
   with open(tok.path, "rb") as f:
     assert again.model_proto() == f.read()
   with pytest.raises(DataError, match=r"tokenizer: no tokenizer.model at"):
-    load_tokenizer(str(tmp_path))
+    sp_tok.load(str(tmp_path))
+  # A run directory: <dir>/tokenizer/tokenizer.model, found by the loader of any tokenizer.
+  run = tmp_path / "run"
+  assert not tok_lib.has_tokenizer(str(run))
+  (run / "tokenizer").mkdir(parents=True)
+  (run / "tokenizer" / "tokenizer.model").write_bytes(tok.model_proto())
+  assert tok_lib.has_tokenizer(str(run))
+  loaded = tok_lib.load(str(run))
+  assert loaded.kind == "sentencepiece" and loaded.sha256() == tok.sha256()
+  with pytest.raises(DataError, match=r"has neither tokenizer/tokenizer.model nor hf_tokenizer/"):
+    tok_lib.load(str(tmp_path / "empty"))
 
 
 def test_check_vocab(tok):

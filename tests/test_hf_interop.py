@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
-from gpt_jax import sharding
+from gpt_jax import runs, sharding
+from gpt_jax import tokenizers as tok_lib
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
 from gpt_jax.interop import hf
 
@@ -334,7 +336,7 @@ def test_byte_level_bpe_tokenizer(tmp_path):
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
 
-  wrapped = hf.load_hf_tokenizer(str(tmp_path))
+  wrapped = tok_lib.load_hf_tokenizer(str(tmp_path))
   assert (
     wrapped.vocab_size == tok.get_vocab_size() and wrapped.eos_id == tok.token_to_id("<|endoftext|>") == 0
   )
@@ -343,6 +345,7 @@ def test_byte_level_bpe_tokenizer(tmp_path):
     assert ids == tok.encode(text).ids
     assert wrapped.decode(ids) == text
   assert wrapped.decode([*wrapped.encode("a b"), wrapped.eos_id]) == "a b"
+  assert wrapped.encode_batch(TEXTS[:3]) == [tok.encode(t).ids for t in TEXTS[:3]]
 
 
 def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
@@ -368,16 +371,17 @@ def test_sentencepiece_tokenizer_loads_and_exports(tmp_path):
     cfg, _random_params(cfg), str(out), tokenizer_model=str(tmp_path / "sp.model"), eos_id=2
   )
   assert "tokenizer.model" in files
-  wrapped = hf.load_hf_tokenizer(str(out))
+  wrapped = tok_lib.load_hf_tokenizer(str(out))
   assert (wrapped.vocab_size, wrapped.eos_id, wrapped.bos_id) == (sp.get_piece_size(), 2, 1)
   assert wrapped.encode(TEXTS[0]) == sp.encode(TEXTS[0])
+  assert wrapped.encode_batch(TEXTS[:3], num_threads=2) == [sp.encode(t) for t in TEXTS[:3]]
   assert wrapped.decode(wrapped.encode(TEXTS[0])) == TEXTS[0]
   # An import carries the tokenizer along.
   hf.import_hf(str(out), str(tmp_path / "ckpt"))
-  carried = hf.load_hf_tokenizer(str(tmp_path / "ckpt" / "hf_tokenizer"))
+  carried = tok_lib.load_hf_tokenizer(str(tmp_path / "ckpt" / "hf_tokenizer"))
   assert carried.encode(TEXTS[1]) == sp.encode(TEXTS[1])
   with pytest.raises(DataError, match="neither tokenizer.model nor tokenizer.json"):
-    hf.load_hf_tokenizer(str(tmp_path))
+    tok_lib.load_hf_tokenizer(str(tmp_path))
   shutil.rmtree(out)
 
 
@@ -407,7 +411,7 @@ def test_cli_exports_imports_and_training_workdirs(tmp_path, imported):
 
   cfg = cli.cmd_import(hf_dir=str(tmp_path / "b"), out_dir=str(tmp_path / "c"), log_fn=logs.append)
   assert cfg == m.cfg and "imported" in logs[-1]
-  with pytest.raises(CheckpointError, match="neither model_config.json"):
+  with pytest.raises(CheckpointError, match=r"--workdir: .* holds no valid checkpoint"):
     cli.cmd_export(workdir=str(tmp_path), out_dir=str(tmp_path / "d"))
 
 
@@ -525,8 +529,8 @@ def _sft_cfg(import_dir, **over):
     "optim.warmup_steps": 1,
     "optim.decay_steps": 2,
     "metrics.tensorboard": False,
-    "sft.task_train": 64,
-    "sft.task_eval": 8,
+    "tasks.train": 64,
+    "tasks.eval": 8,
     "sft.eval_samples": 0,
     **over,
   }
@@ -537,7 +541,6 @@ def _sft_cfg(import_dir, **over):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_sft_starts_from_an_import_in_its_own_vocabulary(family, chat_import, tmp_path):
   from gpt_jax import metrics
-  from gpt_jax.data import load_any_tokenizer
   from gpt_jax.data import sft as sft_data
   from gpt_jax.interop import cli
   from gpt_jax.stages import rm, sft
@@ -549,20 +552,22 @@ def test_sft_starts_from_an_import_in_its_own_vocabulary(family, chat_import, tm
   cfg_ = _sft_cfg(import_dir, **(over if family == "gpt2" else {}))
   result = sft.run(cfg_, workdir, log_fn=lambda *a: None)
   if family == "gpt2":
-    assert 0.0 <= result["eval"]["accuracy"] <= 1.0
+    assert 0.0 <= result.eval["accuracy"] <= 1.0
 
   # The workdir's tokenizer is the import's, behind the chat adapter, in the model's own vocabulary.
-  tok = load_any_tokenizer(workdir)
-  assert isinstance(tok, hf.ChatTokenizer)
-  assert tok.sha256() == load_any_tokenizer(import_dir).sha256()
-  assert sorted(os.listdir(os.path.join(workdir, hf.TOKENIZER_DIR))) == sorted(
-    os.listdir(os.path.join(import_dir, hf.TOKENIZER_DIR))
+  tok = tok_lib.load(workdir)
+  assert isinstance(tok, tok_lib.ChatTokenizer)
+  assert tok.sha256() == tok_lib.load(import_dir).sha256()
+  assert sorted(os.listdir(os.path.join(workdir, tok_lib.HF_TOKENIZER_DIR))) == sorted(
+    os.listdir(os.path.join(import_dir, tok_lib.HF_TOKENIZER_DIR))
   )
   eos = {"gpt2": "<|endoftext|>", "llama": "</s>"}[family]
   assert tok.eos_id == tok.hf.token_to_id(eos) == tok.special_id("end_of_turn") == tok.pad_id
   assert tok.bos_id == (tok.eos_id if family == "gpt2" else 1)  # GPT-2 has no bos: eos opens the text
-  for text in ("Add 12 and 30. 42", "Reverse: a b c", TEXTS[1], f"text that names {eos}"):
+  texts = ("Add 12 and 30. 42", "Reverse: a b c", TEXTS[1], f"text that names {eos}")
+  for text in texts:
     assert tok.decode(tok.encode(text)) == text
+  assert tok.kind == "hf" and tok.encode_batch(list(texts)) == [tok.encode(t) for t in texts]
   assert tok.eos_id not in tok.encode(f"a message cannot end its turn with {eos} in it")
   ids, mask = tok.render_chat(CHAT)
   assert len(ids) == len(mask) and ids[0] == tok.bos_id and mask[0] == 0
@@ -590,15 +595,18 @@ def test_sft_starts_from_an_import_in_its_own_vocabulary(family, chat_import, tm
 
   # Later stages read the same adapter: a reward-model workdir made from this SFT workdir, and export.
   rm_dir = str(tmp_path / "rm")
-  rm_tok = sft.install_tokenizer(sft.resolve_init(workdir), rm_dir, lambda *a: None)
-  assert rm_tok.sha256() == tok.sha256() and load_any_tokenizer(rm_dir).sha256() == tok.sha256()
-  for require_sft in (False, True):  # an import has the SFT model's shape but is no SFT checkpoint
-    rm_cfg = types.SimpleNamespace(rm=types.SimpleNamespace(require_sft=require_sft), model=cfg_.model)
+  rm_tok = runs.install_tokenizer(runs.open(workdir), rm_dir, lambda *a: None)
+  assert rm_tok.sha256() == tok.sha256() and tok_lib.load(rm_dir).sha256() == tok.sha256()
+  for require_sft in (False, True):  # an import has the SFT model's shape but is no SFT run
+    rm_cfg = rm.default_config()
+    rm_cfg.model = cfg_.model
+    rm_cfg.train.init_from = import_dir
+    rm_cfg.rm.require_sft = require_sft
     if require_sft:
-      with pytest.raises(CheckpointError, match="written by stage 'import', not by SFT"):
-        rm.check_init(rm_cfg, sft.resolve_init(import_dir))
+      with pytest.raises(CheckpointError, match="is a run of stage 'import', expected 'sft'"):
+        rm.open_init(rm_cfg)
     else:
-      rm.check_init(rm_cfg, sft.resolve_init(import_dir))
+      assert rm.open_init(rm_cfg).imported
   if family == "gpt2":
     files = cli.cmd_export(workdir=workdir, out_dir=str(tmp_path / "export"), log_fn=lambda *a: None)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
@@ -611,10 +619,10 @@ def test_sft_from_an_import_of_another_shape_names_the_key(chat_import, tmp_path
 
   import_dir = chat_import("gpt2")
   workdir = tmp_path / "w"
-  with pytest.raises(
-    CheckpointError, match=r"model.d_model: 64 differs from 32 in the init checkpoint .*imported"
-  ):
+  with pytest.raises(CheckpointError, match=r"model.d_model: 64 differs from 32 in .* \(an import\)"):
     sft.run(_sft_cfg(import_dir, **{"model.d_model": 64}), str(workdir))
   assert not os.path.exists(workdir / "config.json")  # refused before anything was written
   # A value that derives the same shape is no difference: d_ff 0 means 4 * d_model = 128.
-  sft.check_init(_sft_cfg(import_dir, **{"model.d_ff": 128}), sft.resolve_init(import_dir))
+  runs.check_model(
+    config_lib.to_dict(_sft_cfg(import_dir, **{"model.d_ff": 128}).model), runs.open(import_dir), "x"
+  )

@@ -1,12 +1,11 @@
 """Metrics: JSONL + TensorBoard outputs, crash-truncated files, progress output, MFU arithmetic, NaN guard."""
 
-import importlib
 import io
 import math
 import os
 import struct
+import subprocess
 import sys
-import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,47 +42,78 @@ def test_jsonl_and_tensorboard_roundtrip(tmp_path):
   assert "eval/note" not in scalars
 
 
-@pytest.fixture
-def tensorboardx_protos():
-  """Yields tensorboardX's (crc32c, event_pb2) without running its package __init__ (which imports torch)."""
-  before = set(sys.modules)
-  if "tensorboardX" not in sys.modules:
-    stub = types.ModuleType("tensorboardX")
-    stub.__path__ = list(importlib.util.find_spec("tensorboardX").submodule_search_locations)
-    sys.modules["tensorboardX"] = stub
-  try:
-    crc32c = importlib.import_module("tensorboardX.crc32c").crc32c
-    yield crc32c, importlib.import_module("tensorboardX.proto.event_pb2")
-  finally:
-    for name in set(sys.modules) - before:  # Leave no half-imported package behind for other tests.
-      if name.startswith("tensorboardX"):
-        del sys.modules[name]
+def _masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC-32C (Castagnoli), bit by bit: a reference independent of tensorboardX's."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def test_event_file_is_valid_tfrecord_for_tensorboard(tmp_path, tensorboardx_protos):
-  """The hand-written event file parses with the reference protobuf definitions and checksums."""
-  crc32c, event_pb2 = tensorboardx_protos
-
-  with MetricWriter(str(tmp_path)) as writer:
-    writer.write(-3, {"loss": 0.125, "big": 1e30}, prefix="train/")
-  (name,) = os.listdir(tmp_path / "tb")
-  data = (tmp_path / "tb" / name).read_bytes()
-  events, pos = [], 0
+def _records(data: bytes) -> list[bytes]:
+  """The records of a TFRecord file, each checked against its two checksums."""
+  out, pos = [], 0
   while pos < len(data):
     (length,) = struct.unpack("<Q", data[pos : pos + 8])
     body = data[pos + 12 : pos + 12 + length]
     for payload, crc_at in ((data[pos : pos + 8], pos + 8), (body, pos + 12 + length)):
-      crc = crc32c(payload)
-      masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-      assert struct.unpack("<I", data[crc_at : crc_at + 4])[0] == masked
-    events.append(event_pb2.Event.FromString(body))
+      assert struct.unpack("<I", data[crc_at : crc_at + 4])[0] == _masked_crc32c(payload)
+    out.append(body)
     pos += 16 + length
-  assert events[0].file_version == "brain.Event:2"
+  return out
+
+
+def test_event_file_is_valid_tfrecord_for_tensorboard(tmp_path):
+  """The event file parses with the reference checksums and protobuf definitions; one event per write."""
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write(-3, {"loss": 0.125, "big": 1e30}, prefix="train/")
+  (name,) = os.listdir(tmp_path / "tb")
+  assert name.startswith("events.out.tfevents.")
+  from tensorboardX.proto import event_pb2  # loaded (torch hidden) by the writer above
+
+  events = [event_pb2.Event.FromString(r) for r in _records((tmp_path / "tb" / name).read_bytes())]
+  assert events[0].file_version == "brain.Event:2" and len(events) == 2
   assert events[1].step == -3
   assert {v.tag: v.simple_value for v in events[1].summary.value} == {
     "train/loss": 0.125,
     "train/big": np.float32(1e30),
   }
+
+
+def test_tb_reader_skips_bad_records_and_stops_at_a_cut(tmp_path):
+  for run in range(2):  # two writers in one second and one process: two files, nothing overwritten
+    with MetricWriter(str(tmp_path)) as writer:
+      for step in (1, 2, 3):
+        writer.write(step + 10 * run, {"loss": float(step)})
+  files = sorted((tmp_path / "tb").iterdir())
+  assert len(files) == 2
+  assert read_tb_scalars(str(tmp_path / "tb"))["loss"] == [(s, float(s % 10)) for s in (1, 2, 3, 11, 12, 13)]
+  data = bytearray(files[0].read_bytes())
+  records = _records(bytes(data))
+  second = 16 + len(records[0]) + 16 + len(records[1])  # the offset of the step-2 event
+  data[second + 12] ^= 0xFF  # a flipped byte in the step-2 record: its checksum fails
+  files[0].write_bytes(bytes(data))
+  files[1].write_bytes(files[1].read_bytes()[:-3])  # the step-13 record cut short by a crash
+  assert read_tb_scalars(str(tmp_path / "tb"))["loss"] == [(1, 1.0), (3, 3.0), (11, 1.0), (12, 2.0)]
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX is loaded with torch hidden; torch stays importable afterwards."""
+  code = (
+    "import importlib.util, sys\n"
+    "from gpt_jax.metrics import MetricWriter, read_tb_scalars\n"
+    f"with MetricWriter({str(tmp_path)!r}) as w:\n"
+    "  w.write(1, {'loss': 1.0})\n"
+    f"assert read_tb_scalars({str(tmp_path / 'tb')!r}) == {{'loss': [(1, 1.0)]}}\n"
+    "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+    "if importlib.util.find_spec('torch') is not None:\n"
+    "  import torch  # noqa: F401\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 
 
 def test_truncated_last_line_is_tolerated_and_repaired(tmp_path, caplog):

@@ -1,10 +1,11 @@
 """Multi-process runs on JAX's distributed runtime (CPU, gloo collectives): 2 processes x 4 devices
 train exactly like 1 process x 8 devices, survive SIGKILL + restart, resume on another process count,
-and bad job settings fail with one-line errors on every process instead of hanging."""
+and bad job settings or a workdir in use fail with one-line errors on every process instead of hanging."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 from gpt_jax import distributed, metrics
 from gpt_jax.errors import ConfigError
 from gpt_jax.stages import pretrain
+from gpt_jax.workdir import WorkdirLock
 from tests.helpers import REPO, seed_workdir, tiny_config
 
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -166,7 +168,7 @@ def test_two_processes_match_one_survive_kill_and_resume_on_one(prepared_dir, tm
 
   # The 2-process checkpoint of step 2, resumed by 1 process with 8 devices.
   out = pretrain.run(tiny_config(**OVERRIDES), one_proc, log_fn=lambda *a: None)
-  assert out["step"] == 4
+  assert out.step == 4
   losses = {s: v[-1] for s, v in _train_losses(one_proc).items()}
   np.testing.assert_allclose([losses[s] for s in (3, 4)], [reference[s] for s in (3, 4)], rtol=1e-5)
 
@@ -182,6 +184,11 @@ def test_two_processes_match_one_survive_kill_and_resume_on_one(prepared_dir, tm
     # Both connect (the coordinator counts 2); the disagreement is found by comparing what each was told.
     ("bad_count", [r"--num_processes: process 1 was started with 3"] * 2),
     ("bad_batch", [r"train\.global_batch: 5 is not divisible by the 2 processes"] * 2),
+    # Process 0 finds the workdir locked by another run (this test); process 1 learns it from process 0.
+    (
+      "locked",
+      [r"workdir \S+ is in use by process (\d+)", r"process 0 could not lock the workdir: .* process (\d+)"],
+    ),
   ],
 )
 def test_bad_job_settings_fail_on_every_process(tmp_path, case, expected):
@@ -191,18 +198,26 @@ def test_bad_job_settings_fail_on_every_process(tmp_path, case, expected):
     kw = dict(ids=[0, 2])
   elif case == "bad_count":
     kw = dict(counts=[2, 3])
-  else:  # a tensor-parallel mesh: 5 rows are fine for the mesh but cannot be split over 2 processes
+  elif case == "bad_batch":  # a tensor-parallel mesh: 5 rows are fine for the mesh, not for 2 processes
     overrides = {"train.global_batch": 5, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}
-  specs = _specs(2, mode="init", workdir=str(tmp_path / "wd"), overrides=overrides, **kw)
-  for s in specs:  # bad_id: process 0 waits this long for a process that never comes
-    s["init_timeout_s"] = 8 if case == "bad_id" else 60
-  job = Job(tmp_path, case, specs)
-  codes = job.wait(timeout_s=180)
+  wd = str(tmp_path / "wd")
+  specs = _specs(2, mode="lock" if case == "locked" else "init", workdir=wd, overrides=overrides, **kw)
+  if case == "bad_id":  # process 0 waits this long for a process that never comes
+    for s in specs:
+      s["init_timeout_s"] = 8
+  with contextlib.ExitStack() as held:
+    if case == "locked":
+      held.enter_context(WorkdirLock(wd))
+    job = Job(tmp_path, case, specs)
+    codes = job.wait()
   for i, pattern in enumerate(expected):
     assert codes[i] == 2, job.tails()
     errors = [line for line in job.log(i).splitlines() if line.startswith("gpt_jax: error:")]
     assert len(errors) == 1, job.tails()
-    assert re.search(pattern, errors[0]), job.tails()
+    found = re.search(pattern, errors[0])
+    assert found, job.tails()
+    if case == "locked":
+      assert found.group(1) == str(os.getpid()), errors[0]
 
 
 def test_initialize_checks_settings_before_connecting(monkeypatch):

@@ -14,34 +14,70 @@ from tests.helpers import tiny_pipeline_config
 
 def test_every_stage_ran_and_fed_the_next(tiny_pipeline_dir):
   d = tiny_pipeline_dir
-  for stage in pipeline.STAGE_ORDER:
+  for stage in pipeline.entries(tiny_pipeline_config()):
     assert os.path.exists(os.path.join(d, stage, "DONE")), stage
   with open(os.path.join(d, "sft", "config.json")) as f:
     assert json.load(f)["train"]["init_from"] == os.path.join(d, "pretrain")
   with open(os.path.join(d, "ppo", "config.json")) as f:
     ppo_cfg = json.load(f)["ppo"]
   assert ppo_cfg["sft_workdir"] == os.path.join(d, "sft") and ppo_cfg["rm_workdir"] == os.path.join(d, "rm")
+  with open(os.path.join(d, "dpo", "config.json")) as f:
+    dpo_cfg = json.load(f)
+  assert dpo_cfg["train"]["init_from"] == os.path.join(d, "sft")
+  with open(os.path.join(d, "rm", "config.json")) as f:
+    assert dpo_cfg["tasks"] == json.load(f)["tasks"]  # DPO learns from the reward model's comparisons
   assert os.path.exists(os.path.join(d, "rm", "reward_stats.json"))
 
 
 def test_report_has_every_section_and_plots(tiny_pipeline_dir):
   with open(os.path.join(tiny_pipeline_dir, "report.md")) as f:
     report = f.read()
-  for section in ("## Data mixture", "## Tokenizer", "## Model", "## Results", "answered by each model"):
+  for section in (
+    "## Data mixture",
+    "## Tokenizer",
+    "## Model",
+    "## Results",
+    "## Post-training methods",
+    "answered by each model",
+  ):
     assert section in report, section
-  for png in ("pretrain_loss.png", "sft.png", "rm.png", "ppo.png"):
+  for png in (
+    "pretrain_loss.png",
+    "sft_curves.png",
+    "rm_curves.png",
+    "dpo_curves.png",
+    "ppo_curves.png",
+    "grpo_curves.png",
+    "overoptimization.png",
+  ):
     path = os.path.join(tiny_pipeline_dir, png)
     assert os.path.getsize(path) > 1000 and f"]({png})" in report, png
   with open(os.path.join(tiny_pipeline_dir, png), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_model_is_evaluated_on_the_same_tasks(tiny_pipeline_dir):
+  with open(os.path.join(tiny_pipeline_dir, "eval.json")) as f:
+    record = json.load(f)
+  models = [n for n, stage in pipeline.entries(tiny_pipeline_config()).items() if stage != "rm"]
+  assert record["tasks"] == "embedded,bpb:docs" and set(record["models"]) == set(models)
+  for stage, m in record["models"].items():
+    assert m["chat"] == (stage != "pretrain")
+    assert m["results"]["embedded"]["n"] == 512 and 0 <= m["results"]["embedded"]["accuracy"] <= 1
+    assert m["results"]["bpb_docs"]["bits_per_byte"] > 0
+  with open(os.path.join(tiny_pipeline_dir, "report.md")) as f:
+    report = f.read()
+  assert "## Evaluation" in report and f"| task | metric | {' | '.join(models)} |" in report
+  assert "| embedded (512 examples) | accuracy |" in report
+
+
 def test_rerun_skips_finished_stages(tiny_pipeline_dir):
   lines = []
-  before = {s: os.path.getmtime(os.path.join(tiny_pipeline_dir, s, "DONE")) for s in pipeline.STAGE_ORDER}
+  names = pipeline.entries(tiny_pipeline_config())
+  before = {s: os.path.getmtime(os.path.join(tiny_pipeline_dir, s, "DONE")) for s in names}
   pipeline.run(tiny_pipeline_config(), tiny_pipeline_dir, log_fn=lines.append)
-  assert sum("done already" in str(x) for x in lines) == 4
-  after = {s: os.path.getmtime(os.path.join(tiny_pipeline_dir, s, "DONE")) for s in pipeline.STAGE_ORDER}
+  assert sum("done already" in str(x) for x in lines) == len(names)
+  after = {s: os.path.getmtime(os.path.join(tiny_pipeline_dir, s, "DONE")) for s in names}
   assert before == after
 
 
@@ -57,10 +93,31 @@ def test_a_failing_stage_keeps_the_earlier_ones(tiny_pipeline_dir, tmp_path):
   os.makedirs(d)
   for stage in ("pretrain", "sft"):  # reuse the finished stages
     os.symlink(os.path.join(tiny_pipeline_dir, stage), os.path.join(d, stage))
-  cfg = tiny_pipeline_config(**{"rm.rm.data_path": str(tmp_path / "missing.jsonl")})
-  with pytest.raises(GptJaxError, match=r"pipeline stage 'rm' failed.*missing\.jsonl"):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("{not json\n")
+  cfg = tiny_pipeline_config(**{"rm.rm.data_path": str(bad)})
+  with pytest.raises(GptJaxError, match=r"pipeline stage 'rm' failed.*bad\.jsonl:1"):
     pipeline.run(cfg, d, log_fn=lambda *a: None, force=True)
   assert os.path.exists(os.path.join(d, "sft", "DONE"))
+
+
+def test_every_stage_config_is_checked_before_the_first_stage_runs(tmp_path):
+  cfg = tiny_pipeline_config(**{"rm.rm.data_path": str(tmp_path / "missing.jsonl"), "ppo.ppo.clip": -1.0})
+  with pytest.raises(GptJaxError, match=r"rm.rm.data_path: file .*missing\.jsonl does not exist"):
+    pipeline.run(cfg, str(tmp_path / "run"), log_fn=lambda *a: None)
+  assert not os.path.exists(tmp_path / "run" / "pretrain")
+
+
+def test_bad_eval_tasks_are_refused_before_the_first_stage(tmp_path):
+  with pytest.raises(ConfigError, match=r"eval_tasks: unknown task 'mmlu'"):
+    pipeline.run(
+      tiny_pipeline_config(eval_tasks="embedded,mmlu"), str(tmp_path / "run"), log_fn=lambda *a: None
+    )
+  bad = tmp_path / "mc.jsonl"
+  bad.write_text('{"context": "q", "choices": ["a", "b"], "label": 2}\n')
+  with pytest.raises(GptJaxError, match=r"eval_tasks: mc:.*mc\.jsonl:1: label 2 is out of range"):
+    pipeline.run(tiny_pipeline_config(eval_tasks=f"mc:{bad}"), str(tmp_path / "run"), log_fn=lambda *a: None)
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_chat_base_model_continues_and_assistant_answers(tiny_pipeline_dir):
@@ -94,4 +151,4 @@ def test_chat_cli_on_a_missing_workdir_is_one_line(tmp_path, capsys):
 
   assert main(["chat", "--workdir", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "config.json" in err[0]
+  assert len(err) == 1 and "nothing does not exist" in err[0]

@@ -1,10 +1,9 @@
 """PPO: reward assembly, rollout layout, prompt order and alarms; one update on a fixed rollout moves
 log-probs the way the advantages say; bad input fails before anything compiles; a resumed run is
-bitwise the uninterrupted one. The SFT and reward-model runs are tiny stand-ins written here."""
+bitwise the uninterrupted one. The SFT and reward-model runs are tiny stand-ins (tests/helpers.py)."""
 
 import json
 import os
-import random
 import shutil
 import signal
 
@@ -15,23 +14,14 @@ import pytest
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import heads, losses, metrics, optim, rl, sharding, trainer
+from gpt_jax import heads, loop, metrics, optim, placed, rl, sharding
 from gpt_jax import model as model_lib
 from gpt_jax import step as step_lib
-from gpt_jax.data import tasks
-from gpt_jax.data.tokenizer import train_tokenizer
-from gpt_jax.errors import ConfigError, DataError
+from gpt_jax.errors import CheckpointError, ConfigError, DataError
+from gpt_jax.tokenizers import train_tokenizer
+from tests.helpers import RL_MODEL, corpus_docs, write_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = {
-  "model.vocab_size": 512,
-  "model.max_seq_len": 64,
-  "model.num_layers": 2,
-  "model.d_model": 64,
-  "model.num_heads": 4,
-  "model.num_kv_heads": 2,
-  "model.d_ff": 128,
-}
 
 
 # --- pure pieces ---------------------------------------------------------------------------------------
@@ -101,14 +91,15 @@ def test_alarms_for_kl_and_reward_hacking():
 
 
 def test_one_update_follows_the_advantages():
-  from gpt_jax.stages import ppo
+  from gpt_jax.stages.ppo import objective
 
   cfg = model_lib.preset(
     "tiny", vocab_size=64, max_seq_len=32, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64
   )
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  policy = trainer.Model.build(cfg, mesh, head=True)  # the critic is a head on the policy here
-  params = {"policy": policy.init_params(0)}
+  policy = placed.Model.build(cfg, mesh)  # the critic is a head on the policy's hidden states here
+  params = {"policy": policy.init_params(0), "value_head": heads.init_head(cfg.d_model)}
+  axes = {"policy": policy.axes, "value_head": heads.head_axes()}
   B, P, N = 8, 4, 5
   rng = np.random.default_rng(0)
   prompt = rng.integers(4, 64, (B, P)).astype(np.int32)
@@ -117,12 +108,12 @@ def test_one_update_follows_the_advantages():
   mask[:, -1] = 0.0
   rows = rl.rollout_layout(prompt, np.full(B, P), response, mask, eos_id=2)
   p = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).ppo
-  loss_fn = ppo.make_loss_fn(policy, None, P=P, N=N, p=p)
+  loss_fn = objective.make_loss_fn(policy, None, P=P, N=N, p=p)
 
   @jax.jit
   def logp_of(q):
-    logits, values = ppo.policy_outputs(policy, None, q, rows, P, N, p.temperature)
-    return losses.token_logprobs(logits, jnp.asarray(response)), values
+    logp, _, hidden = rl.response_logprobs(policy, q["policy"], rows, P, N, p.temperature)
+    return logp, objective.critic_values(None, q, hidden, rows, P, N)
 
   old_logp, old_values = map(np.asarray, logp_of(params))
   adv = np.where(np.arange(B)[:, None] % 2 == 0, 1.0, -1.0) * mask  # even rows good, odd rows bad
@@ -133,9 +124,9 @@ def test_one_update_follows_the_advantages():
   ocfg = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).optim
   with ocfg.unlocked():
     ocfg.warmup_steps, ocfg.lr_peak = 0, 1e-3
-  optimizer, lr = optim.make(ocfg, 10, {"policy": policy.axes})
+  optimizer, lr = optim.make(ocfg, 10, axes)
   state = step_lib.init_state(params, optimizer, 0)
-  sh = step_lib.state_shardings(mesh, optimizer, {"policy": policy.shardings}, state)
+  sh = step_lib.state_shardings(mesh, optimizer, sharding.tree_shardings(mesh, axes, params), state)
   step = step_lib.make_train_step(
     loss_fn,
     optimizer,
@@ -155,20 +146,12 @@ def test_one_update_follows_the_advantages():
   assert ((new_values - old_values) * mask).sum() > 0
 
 
-# --- stand-in SFT and reward-model runs ---------------------------------------------------------------
-
-
-def corpus_docs(n: int = 300) -> list[str]:
-  rng = random.Random(0)
-  return [
-    f"{t.question} {t.answer}\nThe answer to {t.question.lower()} is {t.answer}. " * rng.randint(1, 3)
-    for t in tasks.make_tasks("train", n, 0)
-  ]
+# --- the stage, on stand-in SFT and reward-model runs (tests/helpers.py) -----------------------------
 
 
 def ppo_cfg(sft_dir, rm_dir, **over):
   overrides = {
-    **MODEL,
+    **RL_MODEL,
     "ppo.sft_workdir": str(sft_dir),
     "ppo.rm_workdir": str(rm_dir),
     "ppo.iterations": 2,
@@ -176,7 +159,7 @@ def ppo_cfg(sft_dir, rm_dir, **over):
     "ppo.minibatch": 4,
     "ppo.epochs": 1,
     "ppo.max_new_tokens": 6,
-    "ppo.task_train": 32,
+    "tasks.train": 32,
     "ppo.eval_prompts": 8,
     "ppo.eval_pass_k": 2,
     "ppo.eval_every": 2,
@@ -192,44 +175,6 @@ def ppo_cfg(sft_dir, rm_dir, **over):
   return config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny"), overrides)
 
 
-def write_run(workdir, tok_dir, stage: str, model_dict: dict, params, extra_cfg=None) -> str:
-  """A finished run's workdir as the SFT / RM stages leave it: config.json, tokenizer/, checkpoints/."""
-  os.makedirs(workdir, exist_ok=True)
-  shutil.copytree(tok_dir, os.path.join(workdir, "tokenizer"))
-  config = {"stage": stage, "model": model_dict, **(extra_cfg or {})}
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config, f)
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ck:
-    ck.save(10, {"params": params}, extra={"config": {"model": model_dict}})
-  return str(workdir)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """(sft workdir, rm workdir, tokenizer dir): random tiny models, a tokenizer that covers the tasks."""
-  from experiments import sft as sft_exp
-
-  root = tmp_path_factory.mktemp("ppo_src")
-  tok_dir = str(root / "tok")
-  train_tokenizer(corpus_docs(), tok_dir, vocab_size=400)
-  model_dict = config_lib.to_dict(ppo_cfg("", "").model)
-  mcfg = model_lib.ModelConfig.from_config(model_dict)
-  _, sft_params = model_lib.split(mcfg, 0)
-  sft_dir = write_run(
-    root / "sft", tok_dir, "sft", model_dict, sft_params, {"sft": sft_exp.sft_config().to_dict()}
-  )
-  # The SFT run's demonstrations: PPO-ptx mixes their next-token loss in.
-  tasks.write_jsonl(
-    os.path.join(sft_dir, "data", "train.jsonl"), tasks.task_rows(tasks.make_tasks("train", 64, 0))
-  )
-  _, rm_params = model_lib.split(mcfg, 1)
-  rm_params[heads.HEAD] = {"w": jax.random.normal(jax.random.key(2), (mcfg.d_model,)), "b": jnp.zeros(())}
-  rm_dir = write_run(root / "rm", tok_dir, "rm", model_dict, rm_params)
-  with open(os.path.join(rm_dir, "reward_stats.json"), "w") as f:
-    json.dump({"mean": 0.5, "std": 2.0}, f)
-  return sft_dir, rm_dir, tok_dir
-
-
 def ppo_records(workdir):
   out = {}
   for r in metrics.read_metrics(workdir):
@@ -238,18 +183,18 @@ def ppo_records(workdir):
   return out
 
 
-def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
+def test_resumed_run_is_bitwise_the_uninterrupted_one(rl_runs, tmp_path):
   from gpt_jax.stages import ppo
 
-  sft_dir, rm_dir, _ = runs
+  sft_dir, rm_dir, _ = rl_runs
   quiet = lambda *a: None
   # (the critic with its own learning rate: the optimizer state is one AdamW per model)
   ptx = {"ppo.ptx_coef": 0.5, "ppo.ptx_batch": 4, "ppo.ptx_seq_len": 32, "ppo.value_lr": 3e-3}
   full = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), str(tmp_path / "full"), log_fn=quiet)
-  assert full["iteration"] == 2 and set(full["evals"]) == {0, 2}
-  assert 0.0 <= full["eval"]["gold_accuracy"] <= 1.0
+  assert full.step == 2 and set(full.evals) == {0, 2}
+  assert 0.0 <= full.eval["gold_accuracy"] <= 1.0
   for it in (0, 2):  # pass@k at the first and the last evaluation
-    e = full["evals"][it]
+    e = full.evals[it]
     assert 0.0 <= e["sample_accuracy"] <= e["pass_at_2"] <= min(1.0, 2 * e["sample_accuracy"])
   # The same command, stopped by SIGTERM after iteration 1 (checkpoint written), then run again.
   half = str(tmp_path / "half")
@@ -258,23 +203,23 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
     if line.startswith("[ppo] iteration 1/2"):
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with pytest.raises(trainer.Preempted):
+  with pytest.raises(loop.Preempted):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), half, log_fn=preempt_after_first)
   logs = []
   resumed = ppo.run(ppo_cfg(sft_dir, rm_dir, **ptx), half, log_fn=logs.append)
   assert any("resumed from iteration 1" in line for line in logs)
-  assert resumed["eval"]["pass_at_2"] == full["eval"]["pass_at_2"]
-  for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
+  assert resumed.eval["pass_at_2"] == full.eval["pass_at_2"]
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The checkpoint's "policy" item is a plain model's params (what inference and later stages load).
+  # The checkpoint's "params/policy" item is a plain model's params (what inference and later stages load).
   ref = ckpt_lib.restore_params(
     os.path.join(half, "checkpoints"),
     jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full["params"]["policy"]
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full.params["policy"]
     ),
-    item="policy",
+    item="params/policy",
   )
-  np.testing.assert_array_equal(np.asarray(ref["embed"]), np.asarray(full["params"]["policy"]["embed"]))
+  np.testing.assert_array_equal(np.asarray(ref["embed"]), np.asarray(full.params["policy"]["embed"]))
   want, got = ppo_records(str(tmp_path / "full")), ppo_records(half)
   assert want[2] == got[2] and set(want[2]) >= {
     "ppo/reward",
@@ -291,10 +236,10 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path):
 # --- bad input ------------------------------------------------------------------------------------------
 
 
-def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
+def test_bad_input_fails_before_anything_is_built(rl_runs, tmp_path):
   from gpt_jax.stages import ppo
 
-  sft_dir, rm_dir, tok_dir = runs
+  sft_dir, rm_dir, tok_dir = rl_runs
   work = tmp_path / "w"
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
@@ -306,7 +251,7 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
     ConfigError, match=r"ppo.max_new_tokens: ppo train prompt\[0\] has \d+ tokens; with 6 new"
   ):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.prompts": str(long)}), str(work))
-  with pytest.raises(ConfigError, match=r"model.d_model: 32 differs from 64 in the SFT checkpoint"):
+  with pytest.raises(CheckpointError, match=r"model.d_model: 32 differs from 64 in .*stage 'sft'"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"model.d_model": 32}), str(work))
   # A reward model with another tokenizer, or another vocabulary size.
   other_tok = str(tmp_path / "tok2")
@@ -315,23 +260,25 @@ def test_bad_input_fails_before_anything_is_built(runs, tmp_path):
   shutil.copytree(rm_dir, rm2)
   shutil.rmtree(os.path.join(rm2, "tokenizer"))
   shutil.copytree(other_tok, os.path.join(rm2, "tokenizer"))
-  with pytest.raises(DataError, match=r"tokenizer .*rm2/tokenizer/tokenizer.model of ppo.rm_workdir differs"):
+  with pytest.raises(DataError, match=r"ppo.rm_workdir: tokenizer .*rm2/tokenizer/tokenizer.model differs"):
     ppo.run(ppo_cfg(sft_dir, rm2), str(work))
   model_dict = dict(config_lib.to_dict(ppo_cfg("", "").model), vocab_size=448)
-  rm_params = model_lib.split(model_lib.ModelConfig.from_config(model_dict), 0)[1]
-  rm_params[heads.HEAD] = heads.init_head(64)
+  rm_params = {
+    "trunk": model_lib.split(model_lib.ModelConfig.from_config(model_dict), 0)[1],
+    "head": heads.init_head(64),
+  }
   rm3 = write_run(tmp_path / "rm3", tok_dir, "rm", model_dict, rm_params)
   shutil.copy(os.path.join(rm_dir, "reward_stats.json"), rm3)
   with pytest.raises(ConfigError, match=r"reward model's model.vocab_size=448 differs from the policy's 512"):
     ppo.run(ppo_cfg(sft_dir, rm3), str(work))
   with pytest.raises(ConfigError, match=r"ppo.minibatch: 3 must divide ppo.rollout_batch=8"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.minibatch": 3}), str(work))
-  with pytest.raises(ConfigError, match=r"ppo.value_lr: must be a finite number >= 0, got -0.001"):
+  with pytest.raises(ConfigError, match=r"ppo.value_lr: must be >= 0, got -0.001"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": -1e-3}), str(work))
-  with pytest.raises(ConfigError, match=r"optim.b1/b2: must be in \[0, 1\), got 0.9, 1.5"):
+  with pytest.raises(ConfigError, match=r"optim.b2: must be in \[0, 1\), got 1.5"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"optim.b2": 1.5}), str(work))
   with pytest.raises(ConfigError, match=r"ppo.value_lr: applies to the separate critic"):
     ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.value_lr": 1e-3, "ppo.value_head_on_policy": True}), str(work))
-  with pytest.raises(ConfigError, match=r"ppo.reward: must be 'rm' .* or 'gold'"):
-    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.reward": "oracle"}), str(work))
+  with pytest.raises(ConfigError, match=r"ppo.gold_weight, ppo.rm_weight: both are 0"):
+    ppo.run(ppo_cfg(sft_dir, rm_dir, **{"ppo.rm_weight": 0.0}), str(work))
   assert not os.path.exists(work)  # refused before the workdir was touched

@@ -26,7 +26,7 @@ def test_trains_with_falling_loss_and_writes_metrics(prepared_dir, tmp_path):
   losses = _losses(wd)
   assert sorted(losses) == list(range(1, 13))
   assert np.mean([losses[s] for s in (10, 11, 12)]) < losses[1] - 0.5
-  ev = out["eval"]
+  ev = out.eval
   assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]), rel=1e-6)
   assert 0 < ev["bits_per_byte"] < ev["loss"] / np.log(2)
   assert os.listdir(os.path.join(wd, "tb"))
@@ -42,7 +42,7 @@ def test_resume_is_bitwise(prepared_dir, tmp_path):
   b = pretrain.run(tiny_config(), split, log_fn=lambda *a: None)  # same command, more steps: resumes at 3
   la, lb = _losses(whole), _losses(split)
   assert [la[s] for s in range(1, 7)] == [lb[s] for s in range(1, 7)]
-  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -6,6 +6,7 @@ final eos token, the Bradley-Terry loss falling, and the stage end to end from a
 import json
 import os
 import random
+import shutil
 
 import jax
 import numpy as np
@@ -14,13 +15,13 @@ import pytest
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import heads, metrics, model, sharding, trainer
+from gpt_jax import metrics, model, placed, rewards, runs, sharding
 from gpt_jax import step as step_lib
 from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import tasks
-from gpt_jax.data.tokenizer import train_tokenizer
 from gpt_jax.errors import CheckpointError, ConfigError, DataError
 from gpt_jax.stages import rm
+from gpt_jax.tokenizers import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = {
@@ -52,8 +53,8 @@ def rm_cfg(init_from, **over):
     "optim.decay_steps": 6,
     "optim.lr_peak": 3e-3,
     "metrics.tensorboard": False,
-    "rm.task_train": 64,
-    "rm.task_eval": 16,
+    "tasks.train": 64,
+    "tasks.eval": 16,
     "rm.stats_samples": 8,
     "rm.stats_max_new_tokens": 4,
     "rm.stats_batch": 8,
@@ -261,9 +262,9 @@ def test_grad_accum_microbatches_keep_pairs_intact(tok):
 def rm_model():
   cfg = rm_cfg("x")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  m = trainer.Model.build(model.ModelConfig.from_config(cfg.model), mesh, head=True)
+  m = placed.Model.build(model.ModelConfig.from_config(cfg.model), mesh, head=True)
   params = jax.device_get(m.init_params(0))
-  params[heads.HEAD]["w"] = np.random.default_rng(0).normal(size=m.cfg.d_model).astype(np.float32)
+  params["head"]["w"] = np.random.default_rng(0).normal(size=m.cfg.d_model).astype(np.float32)
   return m, params
 
 
@@ -271,7 +272,7 @@ def test_reward_is_read_at_the_final_eos(tok, rm_model):
   m, params = rm_model
   enc = ranked_enc(tok)
   b = comp_data.pairs_to_batch(enc, [0, 1, 2, 3], 4, 48)
-  score = jax.jit(lambda p, b: rm.rewards_from_batch(m, p, b))
+  score = jax.jit(m.scores)
   base = np.asarray(score(params, b))
   # Rows are scored independently: chosen and rejected of pair 0 alone (end_index (B,), as PPO passes it)
   # get the rewards they get inside the whole comparison batch.
@@ -334,7 +335,7 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
   workdir, result, logs = trained
   losses_by_step = train_losses(workdir)
   assert sorted(losses_by_step) == [1, 2, 3, 4, 5, 6]
-  ev = result["eval"]
+  ev = result.eval
   assert {"accuracy", "margin", "reward_mean", "reward_std", "loss"} <= set(ev) and 0.0 <= ev[
     "accuracy"
   ] <= 1.0
@@ -357,12 +358,13 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
   for r in sampled["train"] + sampled["eval"]:
     task = tasks.Task(r["kind"], r["prompt"][0]["content"], r["chosen"])
     assert tasks.grade(task, r["chosen"]) == 1.0 and tasks.grade(task, r["rejected"]) == 0.0
-  assert result["data"]["train_pairs"] == 64 + len(sampled["train"])
-  assert result["data"]["eval_dropped_too_long"] == 0
+  data = next(r for r in metrics.read_metrics(workdir) if "data/train_pairs" in r)
+  assert data["data/train_pairs"] == 64 + len(sampled["train"])
+  assert data["data/eval_dropped_too_long"] == 0
   assert ev["pairs"] == 16 + len(sampled["eval"])
-  stats = json.load(open(os.path.join(workdir, rm.STATS_FILE)))
+  stats = json.load(open(os.path.join(workdir, runs.REWARD_STATS_FILE)))
   assert stats["n"] == 8 and stats["source"] == "sft samples" and stats["std"] >= 0.0
-  assert np.isfinite(stats["mean"]) and stats["step"] == 6 and result["reward_stats"] == stats
+  assert np.isfinite(stats["mean"]) and stats["step"] == 6 and runs.read_reward_stats(workdir) == stats
   # The held-out prompts never appear in training.
   read = lambda s: {
     json.dumps(json.loads(line)["prompt"]) for line in open(os.path.join(workdir, "data", f"{s}.jsonl"))
@@ -372,15 +374,20 @@ def test_rm_run_trains_reports_and_saves_stats(trained):
 
 
 def test_resume_gives_the_uninterrupted_losses(sft_dir, trained, tmp_path):
+  sft = str(tmp_path / "sft")
+  shutil.copytree(sft_dir[0], sft)
   workdir = str(tmp_path / "resumed")
   quiet = lambda *a: None
-  rm.run(
-    rm_cfg(sft_dir[0], **{"train.steps": 3, "train.eval_batches": 0, "rm.stats_samples": 0}), workdir, quiet
-  )
-  assert not os.path.exists(os.path.join(workdir, rm.STATS_FILE))
+  rm.run(rm_cfg(sft, **{"train.steps": 3, "train.eval_batches": 0, "rm.stats_samples": 0}), workdir, quiet)
+  assert not os.path.exists(os.path.join(workdir, runs.REWARD_STATS_FILE))
+  # The SFT run goes on meanwhile: the reward model still resumes from the SFT checkpoint it started from.
+  with ckpt_lib.Checkpointer(os.path.join(sft, "checkpoints"), async_save=False) as ck:
+    ck.save(2, {"params": jax.tree.map(np.zeros_like, sft_dir[2])}, extra=ck.read_extra(1))
   logs = []
-  rm.run(rm_cfg(sft_dir[0], **{"train.eval_batches": 0, "rm.stats_samples": 0}), workdir, logs.append)
+  rm.run(rm_cfg(sft, **{"train.eval_batches": 0, "rm.stats_samples": 0}), workdir, logs.append)
   assert any("resumed from step 3" in line for line in logs)
+  extra = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), create=False).read_extra(6)
+  assert extra["init"] == {"workdir": os.path.realpath(sft), "step": 1, "stage": "sft"}
   want, got = train_losses(trained[0]), train_losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-6)
 
@@ -388,23 +395,23 @@ def test_resume_gives_the_uninterrupted_losses(sft_dir, trained, tmp_path):
 def test_score_returns_the_trained_rewards(trained, capsys, tmp_path):
   workdir, result, _ = trained
   pairs = [("Add 2 and 3.", "5"), ([{"role": "user", "content": "Add 2 and 3."}], "5"), ("Sort: 2 1", "1 2")]
-  got = rm.score(workdir, pairs)
-  m, params, tokenizer, stats = rm.load_reward_model(workdir)
-  assert stats["n"] == 8
+  got = rewards.score(workdir, pairs)
+  run, m, params, tokenizer = rewards.load_reward_model(workdir)
+  assert run.reward_stats()["n"] == 8
   seqs = [comp_data.response_tokens(tokenizer, p, r) for p, r in pairs]
   batch = comp_data.reward_batch(seqs, 32, tokenizer.pad_id)
-  want = jax.device_get(rm.make_scorer(m)(jax.device_get(result["params"]), batch))
+  want = jax.device_get(rewards.make_scorer(m)(jax.device_get(result.params), batch))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert got[0] == got[1] != got[2]  # a text prompt is one user turn
   path = write_lines(tmp_path / "p.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
   capsys.readouterr()
-  rm.score_cli(workdir, pairs_file=path)
+  rewards.score_cli(workdir, pairs_file=path)
   printed = [float(x) for x in capsys.readouterr().out.split()]
   np.testing.assert_allclose(printed, got, atol=1e-5)
   with pytest.raises(ConfigError, match="--prompt/--response: both are required"):
-    rm.score_cli(workdir, prompt="x")
+    rewards.score_cli(workdir, prompt="x")
   with pytest.raises(DataError, match=r"p2.jsonl:1: missing field 'response'"):
-    rm.score_cli(workdir, pairs_file=write_lines(tmp_path / "p2.jsonl", [{"prompt": "x"}]))
+    rewards.score_cli(workdir, pairs_file=write_lines(tmp_path / "p2.jsonl", [{"prompt": "x"}]))
 
 
 def test_init_from_missing_or_not_sft(sft_dir, tmp_path):
@@ -412,16 +419,18 @@ def test_init_from_missing_or_not_sft(sft_dir, tmp_path):
   with pytest.raises(CheckpointError, match=r"train.init_from: .*/nowhere does not exist"):
     rm.run(rm_cfg(tmp_path / "nowhere"), str(workdir))
   pre, _, _ = fake_sft(tmp_path / "pre", docs()[:50], stage="pretrain")
-  with pytest.raises(CheckpointError, match=r"was written by stage 'pretrain', not by SFT"):
+  with pytest.raises(CheckpointError, match=r"is a run of stage 'pretrain', expected 'sft'"):
     rm.run(rm_cfg(pre), str(workdir))
   with pytest.raises(CheckpointError, match=r"model.d_model: 32 differs from 64"):
     rm.run(rm_cfg(sft_dir[0], **{"model.d_model": 32}), str(workdir))
   with pytest.raises(ConfigError, match="train.init_from: required"):
     rm.run(rm_cfg(""), str(workdir))
-  with pytest.raises(ConfigError, match=r"rm.policy_train: 65 is more than rm.task_train=64"):
+  with pytest.raises(ConfigError, match=r"rm.policy_train: 65 is more than tasks.train=64"):
     rm.run(rm_cfg(sft_dir[0], **{"rm.policy_train": 65}), str(workdir))
   with pytest.raises(ConfigError, match=r"rm.policy_temperature: must be > 0"):
     rm.run(rm_cfg(sft_dir[0], **{"rm.policy_temperature": 0.0}), str(workdir))
   assert not os.path.exists(workdir / "config.json")  # refused before anything was written
-  with pytest.raises(CheckpointError, match="not a reward-model workdir"):
-    rm.load_reward_model(str(tmp_path / "nowhere"))
+  with pytest.raises(CheckpointError, match="nowhere does not exist"):
+    rewards.load_reward_model(str(tmp_path / "nowhere"))
+  with pytest.raises(CheckpointError, match=r"is a run of stage 'sft', expected 'rm'"):
+    rewards.load_reward_model(sft_dir[0])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gpt_jax.data import tasks
+from gpt_jax.data import jsonl, tasks
 from gpt_jax.data.tasks import Task, TaskSpec
 from gpt_jax.errors import ConfigError, DataError
 
@@ -43,11 +43,35 @@ def test_deterministic_and_seeded():
 def test_eval_prompts_never_in_train_whatever_the_seeds():
   spec = TaskSpec(digits=1, list_len=3, word_len=2)  # a small space: collisions would show up
   train = {t.question for seed in range(3) for t in tasks.make_tasks("train", 3000, seed, spec)}
-  held = tasks.make_tasks("eval", 100, seed=7, spec=spec)
-  assert len({t.question for t in held}) == 100  # eval prompts are distinct
+  held = tasks.make_tasks("eval", 32, seed=7, spec=spec)  # 9 of the 100 one-digit sums are eval
+  assert len({t.question for t in held}) == 32  # eval prompts are distinct
   assert not train & {t.question for t in held}
   for t in held:
     assert tasks.split_of(t.question, spec.eval_fraction) == "eval"
+
+
+def test_dev_and_eval_halve_the_held_out_share_and_never_overlap():
+  spec = TaskSpec(digits=1, list_len=3, word_len=2)  # a small space: collisions would show up
+  train = {t.question for seed in range(3) for t in tasks.make_tasks("train", 3000, seed, spec)}
+  dev = tasks.make_tasks("dev", 32, seed=7, spec=spec)
+  test = tasks.make_tasks("eval", 32, seed=7, spec=spec)
+  dev_q, test_q = {t.question for t in dev}, {t.question for t in test}
+  assert len(dev_q) == len(test_q) == 32  # distinct within each split
+  assert not dev_q & test_q and not train & (dev_q | test_q)
+  for t in dev:
+    assert tasks.hash_fraction(t.question) < spec.eval_fraction / 2
+    assert tasks.split_of(t.question, spec.eval_fraction) == "dev"
+  for t in test:
+    assert spec.eval_fraction / 2 <= tasks.hash_fraction(t.question) < spec.eval_fraction
+  # Over a whole prompt space (add with 2 digits: 10,000 prompts) the shares are ~10% / 10% / 80%.
+  counts = {s: 0 for s in tasks.SPLITS}
+  for a in range(100):
+    for b in range(100):
+      counts[tasks.split_of(f"Add {a} and {b}.", 0.2)] += 1
+  assert 900 < counts["dev"] < 1100 and 900 < counts["eval"] < 1100
+  # The demo's knobs hold >= 512 distinct test prompts (128 of each kind) and as many dev ones.
+  for split in ("dev", "eval"):
+    assert len({t.question for t in tasks.make_tasks(split, 512, 0)}) == 512
 
 
 def test_difficulty_knobs_bound_the_prompts():
@@ -100,12 +124,14 @@ def test_wrong_answers_are_plausible():
 
 
 def test_bad_knobs_and_too_small_space():
-  with pytest.raises(ConfigError, match="task_digits"):
+  with pytest.raises(ConfigError, match="tasks.digits"):
     TaskSpec(digits=0).validate()
-  with pytest.raises(ConfigError, match="task_kinds: unknown kind 'mul'"):
+  with pytest.raises(ConfigError, match="tasks.kinds: unknown kind 'mul'"):
     tasks.make_tasks("train", 1, 0, TaskSpec(kinds=("add", "mul")))
   with pytest.raises(DataError, match="distinct eval prompts"):
     tasks.make_tasks("eval", 500, 0, TaskSpec(kinds=("add",), digits=1))  # only 100 prompts exist
+  with pytest.raises(DataError, match="distinct dev prompts"):
+    tasks.make_tasks("dev", 20, 0, TaskSpec(kinds=("add",), digits=1))  # ~10 of the 100 are dev
   with pytest.raises(DataError, match="unknown split 'test'"):
     tasks.make_tasks("test", 1, 0)
 
@@ -118,8 +144,12 @@ def test_sft_rows_and_jsonl_roundtrip(tmp_path):
     {"role": "assistant", "content": ts[0].answer},
   ]
   path = tmp_path / "sub" / "eval.jsonl"
-  assert tasks.write_jsonl(str(path), tasks.task_rows(ts)) == 5
+  assert jsonl.write_jsonl(str(path), tasks.task_rows(ts)) == 5
   rows = [json.loads(line) for line in path.read_text().splitlines()]
   assert [r["messages"] for r in rows] == convs
   assert [r["answer"] for r in rows] == [t.answer for t in ts]
   assert not list(tmp_path.glob("sub/*.tmp*"))
+  assert [row for _, row in jsonl.read_jsonl(str(path))] == rows
+  path.write_text(path.read_text() + "\n{not json\n")
+  with pytest.raises(DataError, match=r"eval.jsonl:7: not valid JSON"):
+    list(jsonl.read_jsonl(str(path)))

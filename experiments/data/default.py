@@ -1,7 +1,9 @@
 """The embedded default corpus: Python's standard library code, pydoc reference topics, and the
-installed packages' long descriptions (see gpt_jax/data/sources.py). Needs no download.
+standard library's prose (its text files and the C docstrings; see gpt_jax/data/sources.py). Needs no
+download.
 
   python -c "from experiments.data import default; print(default.get_config())"
+  --config.data=experiments/data/default.py   (the data section every preset starts from)
 """
 
 from gpt_jax.data import default_data_config

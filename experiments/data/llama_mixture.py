@@ -1,5 +1,8 @@
 """The LLaMA pretraining mixture (Touvron et al. 2023, table 1) over corpora you supply.
 
+  python -m gpt_jax pretrain --config=experiments/pretrain.py:llama_7b \
+      --config.data=experiments/data/llama_mixture.py:/data/llama --workdir=DIR
+
   source          share   paper's epochs
   commoncrawl     67.0%   1.10
   c4              15.0%   1.06

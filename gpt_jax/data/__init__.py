@@ -1,4 +1,4 @@
-"""Data: sources and mixture, SentencePiece tokenizer, tokenized shards, resumable loader.
+"""Data: sources and mixture, tokenized shards, resumable loader (the tokenizers are gpt_jax.tokenizers).
 
 cfg = default_data_config()                        # the embedded default corpus
 prepared = prepare(cfg, workdir, token_budget=..., tokens_per_batch=...)
@@ -15,10 +15,6 @@ _EXPORTS = {
   "source_config": "config",
   "Prepared": "pipeline",
   "prepare": "pipeline",
-  "Tokenizer": "tokenizer",
-  "check_vocab": "tokenizer",
-  "load_tokenizer": "tokenizer",
-  "load_any_tokenizer": "tokenizer",
   "Loader": "loader",
   "make_loader": "loader",
 }
@@ -26,11 +22,7 @@ _EXPORTS = {
 __all__ = [
   "Loader",
   "Prepared",
-  "Tokenizer",
-  "check_vocab",
   "default_data_config",
-  "load_any_tokenizer",
-  "load_tokenizer",
   "make_loader",
   "prepare",
   "source_config",

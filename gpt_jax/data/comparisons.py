@@ -16,6 +16,8 @@ Comparison batch (every array's leading axis is rows, so the trainer shards them
   pair_mask                       float32 (B, 1)  1 on both rows of a real pair, 0 on padding pairs
   margin                          float32 (B, 1)  the pair's margin (0 when the data gives none)
   group                           int32   (B, 1)  the prompt each pair came from (-1 on padding)
+  response_start                  int32   (B, 1)  index of the response's first token (after the prompt)
+  and one float32 (B, 1) column per entry of EncodedPairs.row_values (e.g. DPO's reference log-probs)
 Rows 2i (chosen) and 2i+1 (rejected) form pair i, so one forward pass scores both. train.global_batch
 counts ROWS (= 2 x pairs). The per-row columns are (B, 1), not (B,), because the trainer gives every
 batch key the same 2-d row sharding.
@@ -33,12 +35,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpt_jax.data import batch as batch_lib
+from gpt_jax.data import jsonl
 from gpt_jax.data import sft as sft_data
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import CHAT_ROLES, Tokenizer
 from gpt_jax.errors import ConfigError, DataError
+from gpt_jax.tokenizers.base import CHAT_ROLES, Tokenizer
 
-ROW_KEYS = ("end_index", "is_chosen", "pair_mask", "margin", "group")
+ROW_KEYS = ("end_index", "is_chosen", "pair_mask", "margin", "group", "response_start")
 KEYS = ("inputs", "positions", "segment_ids", *ROW_KEYS)
 
 
@@ -142,7 +145,7 @@ def read_comparisons(path: str) -> list[Comparison]:
     raise DataError(f"comparisons file {path} does not exist")
   out: list[Comparison] = []
   group = 0
-  for where, row in tasks_lib.read_jsonl(path):
+  for where, row in jsonl.read_jsonl(path):
     out += parse_line(row, where, group)
     group += 1
   if not out:
@@ -167,12 +170,6 @@ def response_tokens(tokenizer: Tokenizer, prompt: list[dict] | str, response: st
   messages = check_prompt(prompt, "prompt") if isinstance(prompt, str) else prompt
   ids, _ = tokenizer.render_chat([*messages, {"role": "assistant", "content": response}])
   return ids + [tokenizer.eos_id]
-
-
-def reply_text(tokenizer: Tokenizer, reply_ids: Sequence[int], end_id: int) -> str:
-  """The text of a sampled reply: the end-of-turn token and ids past the tokenizer (a model vocabulary
-  padded beyond it) decode to nothing."""
-  return tokenizer.decode([int(t) for t in reply_ids if int(t) != end_id and int(t) < tokenizer.vocab_size])
 
 
 def reward_inputs(tokenizer: Tokenizer, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[int]:
@@ -212,6 +209,12 @@ class EncodedPairs:
   where: list[str]  # file:line of each pair (for error messages)
   labels: list[str]  # "kind/reason" of each pair ('' when the data has none)
   stats: dict  # pairs, groups, dropped_too_long, tokens
+  response_start: np.ndarray  # int32 (N,): the prompt's length, where both responses start
+  row_values: dict = dataclasses.field(default_factory=dict)  # name -> float32 (N, 2) [chosen, rejected]
+
+  def keys(self) -> tuple[str, ...]:
+    """The keys of this data's batches."""
+    return (*KEYS, *self.row_values)
 
   def __len__(self) -> int:
     return len(self.chosen)
@@ -220,7 +223,7 @@ class EncodedPairs:
 def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name: str) -> EncodedPairs:
   """Renders every pair; a pair with a side longer than seq_len tokens is dropped and counted (never cut:
   the reward is read at the final token, which a cut would remove). DataError when nothing is left."""
-  chosen, rejected, margin, group, where, labels = [], [], [], [], [], []
+  chosen, rejected, margin, group, where, labels, starts = [], [], [], [], [], [], []
   dropped = 0
   cache: dict[tuple, np.ndarray] = {}  # k-way rankings render each response once
 
@@ -237,6 +240,7 @@ def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name
       continue
     chosen.append(a)
     rejected.append(b)
+    starts.append(len(tokenizer.render_chat(c.prompt, add_generation_prompt=True)[0]))
     margin.append(c.margin)
     group.append(c.group)
     where.append(c.where)
@@ -253,7 +257,14 @@ def encode(comps: Sequence[Comparison], tokenizer: Tokenizer, seq_len: int, name
     "tokens": int(sum(len(x) for x in chosen) + sum(len(x) for x in rejected)),
   }
   return EncodedPairs(
-    chosen, rejected, np.asarray(margin, np.float32), np.asarray(group, np.int64), where, labels, stats
+    chosen,
+    rejected,
+    np.asarray(margin, np.float32),
+    np.asarray(group, np.int64),
+    where,
+    labels,
+    stats,
+    np.asarray(starts, np.int32),
   )
 
 
@@ -277,6 +288,8 @@ def pairs_to_batch(
     "pair_mask": np.zeros((B, 1), np.float32),
     "margin": np.zeros((B, 1), np.float32),
     "group": np.full((B, 1), -1, np.int32),
+    "response_start": np.zeros((B, 1), np.int32),
+    **{k: np.zeros((B, 1), np.float32) for k in enc.row_values},
   }
   for r, seq in enumerate(seqs):
     n = len(seq)
@@ -288,6 +301,10 @@ def pairs_to_batch(
   out["pair_mask"][:n, 0] = 1.0
   out["margin"][:n, 0] = np.repeat(enc.margin[list(pairs)], 2) if len(pairs) else 0.0
   out["group"][:n, 0] = np.repeat(enc.group[list(pairs)], 2) if len(pairs) else -1
+  if len(pairs):
+    out["response_start"][:n, 0] = np.repeat(enc.response_start[list(pairs)], 2)
+    for k, v in enc.row_values.items():
+      out[k][:n, 0] = v[list(pairs)].reshape(-1)  # rows 2i, 2i+1: pair i's chosen, rejected
   return out
 
 
@@ -371,3 +388,52 @@ class ComparisonLoader(batch_lib.EpochIndexLoader):
       self._epoch, self._index = self._epoch + 1, 0
     batch = pairs_to_batch(self.enc, pairs, self.n_pairs, self.T)
     return interleave_for_accum(batch, self.grad_accum)
+
+
+# --- the data of a stage ------------------------------------------------------------------------------
+
+
+def load_splits(section, tasks_cfg, workdir: str, name: str, log_fn, sampled_pairs=None) -> tuple[list, list]:
+  """(train, eval) comparisons of a stage section (data_path, eval_path, eval_fraction,
+  rambling_fraction): the configured files, or the embedded task comparisons (data/tasks.py, drawn
+  with the `tasks` section) written once into <workdir>/data/ (a resumed run reads what the first run
+  wrote). Held-out prompts never train.
+
+  sampled_pairs(tasks, split) -> rows adds more pairs to a split's embedded file (the reward model's
+  pairs of the SFT model's own mistakes); every process calls it (it may sample: a collective),
+  process 0 writes."""
+  import jax
+
+  from gpt_jax import distributed
+
+  if section.data_path:
+    train = read_comparisons(section.data_path)
+    if section.eval_path:
+      return train, read_comparisons(section.eval_path)
+    train, held = hash_split(train, float(section.eval_fraction))
+    if not train or not held:
+      raise DataError(
+        f"{name}.data_path: {section.data_path} is too small to hold out {name}.eval_fraction="
+        f"{section.eval_fraction}; give {name}.eval_path"
+      )
+    return train, held
+  spec, data_dir = tasks_lib.spec_from_config(tasks_cfg), os.path.join(workdir, "data")
+  splits = (
+    ("train", int(tasks_cfg.train), int(tasks_cfg.seed)),
+    ("eval", int(tasks_cfg.eval), int(tasks_cfg.seed) + 1),
+  )
+  missing = {split for split, *_ in splits if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl"))}
+  distributed.barrier(f"gpt_jax_{name}_comparisons_checked")  # every process looked before process 0 writes
+  for split, n, seed in splits:
+    if split not in missing:
+      continue
+    tasks = tasks_lib.make_tasks(split, n, seed, spec)
+    rows = tasks_lib.comparisons(tasks, seed, float(section.rambling_fraction))
+    sampled = sampled_pairs(tasks, split) if sampled_pairs else []
+    if jax.process_index() == 0:
+      path = os.path.join(data_dir, f"{split}.jsonl")
+      jsonl.write_jsonl(path, rows + sampled)
+      extra = f" + {len(sampled)} of the SFT model's mistakes" if sampled else ""
+      log_fn(f"[{name}] wrote {n} {split} comparisons ({', '.join(spec.kinds)}){extra} -> {path}")
+  distributed.barrier(f"gpt_jax_{name}_comparisons_written")
+  return tuple(read_comparisons(os.path.join(data_dir, f"{s}.jsonl")) for s in ("train", "eval"))

@@ -1,5 +1,10 @@
 """prepare(): validate sources, train or reuse the tokenizer, build or verify the shards.
 
+The tokenizer (data.tokenizer.kind) is gpt_jax's SentencePiece model, trained on the data or given as
+a file, or a Hugging Face tokenizer directory; whichever it is lands in the workdir (tokenizer/ or
+hf_tokenizer/), where every later stage reads it, and each split's manifest records its kind and
+sha256, so shards are never mixed with another tokenizer's.
+
 Order of work, cheapest first, so bad input fails before anything heavy and nothing built is lost:
   1. budget and config checks, every source's paths (missing path, empty glob, format, weight);
   2. the existing tokenizer and manifests (wrong vocabulary size, other tokenizer, changed source);
@@ -29,8 +34,10 @@ from gpt_jax.data.sources import (
   parse_sources,
   resolve_files,
 )
-from gpt_jax.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer, load_tokenizer, train_tokenizer
 from gpt_jax.errors import DataError
+from gpt_jax.tokenizers import hf as hf_tok
+from gpt_jax.tokenizers import sentencepiece as sp_tok
+from gpt_jax.tokenizers.base import HF_TOKENIZER_DIR, META_FILE, MODEL_FILE, SENTENCEPIECE_DIR, Tokenizer
 
 SPLITS = ("train", "eval")
 
@@ -40,7 +47,9 @@ class Prepared:
   """What the loader and the stages need: the tokenizer, the shards and their statistics."""
 
   workdir: str
-  tokenizer: Tokenizer
+  tokenizer: (
+    Tokenizer  # a SentencePieceTokenizer or a Hugging Face tokenizer (tokenizers/hf.py ChatTokenizer)
+  )
   manifest: dict  # split -> manifest dict (see shards.py)
   mixture_table: list  # rows: source, weight, documents, tokens, bytes, share, epochs
   eval_bytes_per_token: float  # UTF-8 bytes per token over the eval split, mixture-weighted
@@ -101,26 +110,57 @@ def _scan(sources: list[Source], files: dict, eval_fraction: float, sample_cfg, 
   return sample
 
 
-def _tokenizer(data_cfg, tok_dir: str) -> Tokenizer | None:
-  """Returns the workdir's tokenizer (or the configured model file, copied in), None if untrained."""
+def _tokenizer(data_cfg, workdir: str):
+  """The tokenizer data.tokenizer names, as the workdir holds it: a Hugging Face tokenizer (copied into
+  <workdir>/hf_tokenizer/ once), a given SentencePiece model (copied into <workdir>/tokenizer/ once), or
+  the workdir's trained SentencePiece model; None when one must be trained. DataError when the workdir
+  holds another tokenizer."""
   tcfg = data_cfg.tokenizer
+  kind, given_path = str(tcfg.kind), str(tcfg.path)
+  tok_dir = os.path.join(workdir, SENTENCEPIECE_DIR)
   path = os.path.join(tok_dir, MODEL_FILE)
-  if str(tcfg.model_path):
-    given = load_tokenizer(str(tcfg.model_path))
+  hf_dir = os.path.join(workdir, HF_TOKENIZER_DIR)
+  have = "sentencepiece" if os.path.exists(path) else "hf" if os.path.isdir(hf_dir) else None
+  if have is not None and have != kind:
+    where = path if have == "sentencepiece" else hf_dir
+    raise DataError(
+      f"data.tokenizer.kind: {workdir} holds a {have} tokenizer ({where}), the config asks for {kind!r}; "
+      f"use a new workdir or set data.tokenizer.kind={have!r}"
+    )
+  if kind == "hf":
+    if not given_path:
+      raise DataError(
+        "data.tokenizer.path: required with data.tokenizer.kind='hf' (a Hugging Face tokenizer directory)"
+      )
+    src_dir = hf_tok.tokenizer_dir(given_path, "data.tokenizer.path")
+    given = hf_tok.load_chat_tokenizer(src_dir)
+    if have is None:
+      hf_tok.install_files(src_dir, hf_dir)
+    mine = hf_tok.load_chat_tokenizer(hf_dir)
+    if mine.sha256() != given.sha256():
+      raise DataError(
+        f"tokenizer {hf_dir} differs from data.tokenizer.path={given_path} ({given.sha256()[:12]} vs "
+        f"{mine.sha256()[:12]}); use a new workdir"
+      )
+    return mine
+  if given_path:
+    if not os.path.exists(os.path.expanduser(given_path)):
+      raise DataError(
+        f"data.tokenizer.path: {given_path} does not exist (expected a tokenizer.model made by gpt_jax)"
+      )
+    given = sp_tok.load(given_path)
     if os.path.exists(path):
-      mine = load_tokenizer(path)
+      mine = sp_tok.load(path)
       if mine.sha256() != given.sha256():
-        raise DataError(
-          f"tokenizer {path} differs from data.tokenizer.model_path={tcfg.model_path}; use a new workdir"
-        )
+        raise DataError(f"tokenizer {path} differs from data.tokenizer.path={given_path}; use a new workdir")
       return mine
     os.makedirs(tok_dir, exist_ok=True)
     shutil.copyfile(given.path, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return load_tokenizer(path)
+    return sp_tok.load(path)
   if not os.path.exists(path):
     return None
-  tok = load_tokenizer(path)
+  tok = sp_tok.load(path)
   meta_path = os.path.join(tok_dir, META_FILE)
   if os.path.exists(meta_path):
     with open(meta_path) as f:
@@ -134,18 +174,32 @@ def _tokenizer(data_cfg, tok_dir: str) -> Tokenizer | None:
 
 
 def _check_manifest(split_dir: str, m: dict | None, tok: Tokenizer) -> None:
-  if m is not None and m.get("tokenizer_sha256") != tok.sha256():
+  if m is None:
+    return
+  kind = m.get("tokenizer_kind", "sentencepiece")
+  if kind != tok.kind or m.get("tokenizer_sha256") != tok.sha256():
     raise DataError(
-      f"manifest {split_dir}/{shards.MANIFEST} was built with tokenizer {str(m.get('tokenizer_sha256'))[:12]}, "
-      f"not {tok.path} ({tok.sha256()[:12]}); use a new workdir or delete {split_dir}"
+      f"manifest {split_dir}/{shards.MANIFEST} was built with the {kind} tokenizer "
+      f"{str(m.get('tokenizer_sha256'))[:12]}, not the {tok.kind} tokenizer {tok.path} ({tok.sha256()[:12]}); "
+      f"use a new workdir or delete {split_dir}"
     )
 
 
-def prepare(data_cfg, workdir: str, *, token_budget: int, tokens_per_batch: int, log=print) -> Prepared:
+def prepare(
+  data_cfg,
+  workdir: str,
+  *,
+  token_budget: int,
+  tokens_per_batch: int,
+  log=print,
+  tokenizer: Tokenizer | None = None,
+) -> Prepared:
   """Validates the sources, trains or reuses the tokenizer, builds or verifies the shards.
 
-  Idempotent: a second call with the same config checks sizes/hashes and returns at once. Returns
-  Prepared; raises DataError (one line naming the source, file or manifest) on bad input.
+  tokenizer: the one to use (already in the workdir, e.g. continued pretraining's init run's, which
+  runs.install_tokenizer copied) instead of the one data.tokenizer names. Idempotent: a second call
+  with the same config checks sizes/hashes and returns at once. Returns Prepared; raises DataError (one
+  line naming the source, file or manifest) on bad input.
   """
   _check_config(data_cfg, token_budget, tokens_per_batch)
   sources = parse_sources(data_cfg.sources, str(data_cfg.on_bad_utf8))
@@ -158,9 +212,9 @@ def prepare(data_cfg, workdir: str, *, token_budget: int, tokens_per_batch: int,
     ).hexdigest()
     for s in sources
   }
-  tok_dir = os.path.join(workdir, "tokenizer")
+  tok_dir = os.path.join(workdir, SENTENCEPIECE_DIR)
   shards_dir = os.path.join(workdir, "shards")
-  tok = _tokenizer(data_cfg, tok_dir)
+  tok = tokenizer if tokenizer is not None else _tokenizer(data_cfg, workdir)
   manifests = {sp: shards.read_manifest(os.path.join(shards_dir, sp)) for sp in SPLITS}
   for sp, m in manifests.items():
     if tok is not None:
@@ -179,7 +233,7 @@ def prepare(data_cfg, workdir: str, *, token_budget: int, tokens_per_batch: int,
     sample = _scan(sources, files, eval_fraction, data_cfg.tokenizer, tok is None, log)
     if tok is None:
       t0 = time.time()
-      tok = train_tokenizer(
+      tok = sp_tok.train_tokenizer(
         sample, tok_dir, vocab_size=int(data_cfg.tokenizer.vocab_size), num_threads=_workers(data_cfg)
       )
       log(f"data: trained tokenizer ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s -> {tok.path}")
@@ -208,6 +262,7 @@ def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log, pool=
       split_dir = os.path.join(shards_dir, sp)
       m = manifests[sp] or {
         "format": 1,
+        "tokenizer_kind": tok.kind,
         "tokenizer_sha256": tok.sha256(),
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
@@ -237,7 +292,7 @@ def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log, pool=
 
       def run(job):
         sp, src, split_dir, m, entry = job
-        t0, had = time.time(), len(entry["shards"])
+        t0, report = time.time(), {}
         shards.build_source_split(
           pool,
           tok,
@@ -252,10 +307,11 @@ def _build(data_cfg, sources, files, fps, tok, shards_dir, manifests, log, pool=
           save=lambda: shards.write_manifest(split_dir, m),
           progress=bar,
           lock=lock,
+          report=report,
         )
         log(
           f"data: {sp}/{src.name}: {entry['tokens']} tokens in {len(entry['shards'])} shard(s) "
-          f"({had} existed) in {time.time() - t0:.1f}s"
+          f"({report['reused']} verified and kept) in {time.time() - t0:.1f}s"
         )
 
       # Two sources at a time feed the one process pool, so no core idles while a source ends.

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpt_jax.data import batch as batch_lib
+from gpt_jax.data import jsonl
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import Tokenizer, check_message
 from gpt_jax.errors import ConfigError, DataError
+from gpt_jax.tokenizers.base import Tokenizer, check_message
 
 
 @dataclasses.dataclass
@@ -63,7 +64,7 @@ def read_conversations(path: str) -> list[Conversation]:
   if not os.path.isfile(path):
     raise DataError(f"conversations file {path} does not exist")
   out = []
-  for where, row in tasks_lib.read_jsonl(path):
+  for where, row in jsonl.read_jsonl(path):
     if isinstance(row, dict):
       if "messages" not in row:
         raise DataError(f"{where}: no 'messages' key; expected {{\"messages\": [{{role, content}}, ...]}}")

@@ -12,8 +12,10 @@ after the last finished shard, and a shard that fails its size or hash check is 
 start cursor; nothing is used unverified. Shards are written to a temporary file and renamed, and
 the manifest is rewritten (atomically) after every shard.
 
-Encoding runs in a pool of spawned processes (spawn: safe after JAX has started its threads);
-SentencePiece encodes in C++, the parent only reads documents, cuts and writes shards.
+Encoding runs in a pool of spawned processes (spawn: safe after JAX has started its threads), each
+holding the tokenizer's encoder: SentencePiece, or a Hugging Face `tokenizers` Tokenizer (batch
+encoding on one thread per process). Both encode in native code; the parent only reads documents,
+cuts and writes shards.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -29,14 +32,17 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from gpt_jax.data.sources import Source, doc_hash_fraction, iter_documents
-from gpt_jax.data.tokenizer import write_atomic
 from gpt_jax.errors import DataError
+from gpt_jax.files import write_atomic
+
+log = logging.getLogger("gpt_jax")
 
 MANIFEST = "manifest.json"
 # Text per encode task: small enough that the last tasks of a source leave no core idle for long.
 TASK_BYTES = 1 << 18
 
-_worker_sp = None
+# This worker process's encoder: ("spm", SentencePieceProcessor) or ("bpe", tokenizers.Tokenizer).
+_worker = None
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -44,16 +50,38 @@ def shard_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _init_worker(model_proto: bytes) -> None:
-  global _worker_sp
-  import sentencepiece as spm
+def _init_worker(spec: tuple[str, bytes]) -> None:
+  """Rebuilds the tokenizer's encoder from its encoder_spec() in a worker process."""
+  global _worker
+  fmt, blob = spec
+  if fmt == "spm":
+    import sentencepiece as spm
 
-  _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    _worker = (fmt, spm.SentencePieceProcessor(model_proto=blob))
+    return
+  # One thread per worker: the pool's processes are the parallelism; the library's own thread pool
+  # (one thread per core in every process) would only oversubscribe the cores.
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  from tokenizers import Tokenizer
+
+  tok = Tokenizer.from_str(blob.decode("utf-8"))
+  # As in tokenizers/hf.py ChatTokenizer: a document cannot forge a special token.
+  tok.encode_special_tokens = True
+  _worker = (fmt, tok)
+
+
+def encode_ids(texts: list[str]) -> list:
+  """Returns the ids of each text with this worker's encoder (no special tokens added)."""
+  fmt, enc = _worker
+  if fmt == "spm":
+    return enc.encode(texts, out_type="numpy", num_threads=1)
+  batch = getattr(enc, "encode_batch_fast", enc.encode_batch)  # _fast: the same ids, no offsets
+  return [e.ids for e in batch(texts, add_special_tokens=False)]
 
 
 def _encode_task(texts: list[str], eot_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
   """Returns (flat tokens with eot after each document, tokens per document incl. eot)."""
-  ids = _worker_sp.encode(texts, out_type="numpy", num_threads=1)
+  ids = encode_ids(texts)
   lengths = np.fromiter((len(a) + 1 for a in ids), np.int64, len(ids))
   flat = np.empty(int(lengths.sum()), dtype)
   ends = np.cumsum(lengths)
@@ -64,10 +92,10 @@ def _encode_task(texts: list[str], eot_id: int, dtype: str) -> tuple[np.ndarray,
 
 
 def make_pool(tokenizer, num_workers: int) -> ProcessPoolExecutor:
-  """Returns a spawned process pool whose workers hold the tokenizer's model."""
+  """Returns a spawned process pool whose workers hold the tokenizer's encoder (its encoder_spec())."""
   ctx = multiprocessing.get_context("spawn")
   return ProcessPoolExecutor(
-    max_workers=num_workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer.model_proto(),)
+    max_workers=num_workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer.encoder_spec(),)
   )
 
 
@@ -80,17 +108,26 @@ def split_documents(src: Source, files: list[str], split: str, eval_fraction: fl
       yield doc
 
 
-def file_ok(path: str, rec: dict, itemsize: int, check_hash: bool) -> bool:
-  """Returns whether the shard file has the recorded size (and hash)."""
+def shard_problem(path: str, rec: dict, itemsize: int, check_hash: bool) -> str | None:
+  """None when the shard file has the recorded size (and hash), else what is wrong with it."""
   try:
-    if os.path.getsize(path) != rec["tokens"] * itemsize:
-      return False
+    size = os.path.getsize(path)
+    if size != rec["tokens"] * itemsize:
+      return f"has {size} bytes, the manifest says {rec['tokens'] * itemsize}"
     if check_hash:
       with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest() == rec["sha256"]
-    return True
-  except OSError:
-    return False
+        if hashlib.sha256(f.read()).hexdigest() != rec["sha256"]:
+          return "has other bytes than the manifest's sha256"
+    return None
+  except FileNotFoundError:
+    return "is missing"
+  except OSError as e:
+    return f"is unreadable ({e.strerror or e})"
+
+
+def file_ok(path: str, rec: dict, itemsize: int, check_hash: bool) -> bool:
+  """Returns whether the shard file has the recorded size (and hash)."""
+  return shard_problem(path, rec, itemsize, check_hash) is None
 
 
 class _Stream:
@@ -142,21 +179,37 @@ def build_source_split(
   save,
   progress=None,
   lock=None,
+  report: dict | None = None,
 ) -> dict:
   """Builds (or resumes, or repairs) one source's shards of one split.
 
   `entry` is the source's manifest entry (fingerprint, complete, shards, totals), updated in place;
   `save()` persists the manifest; `lock` (optional) guards the manifest when several sources are
-  built at once by threads sharing one pool. Returns the entry. Raises DataError for unreadable input.
+  built at once by threads sharing one pool; `report` (optional) gets {"reused": verified shards kept}.
+  Each shard that fails its check is named in a warning and rebuilt. Returns the entry. Raises
+  DataError for unreadable input.
   """
   lock = lock or contextlib.nullcontext()
   dtype = shard_dtype(tokenizer.vocab_size)
   src_dir = os.path.join(split_dir, src.name)
   os.makedirs(src_dir, exist_ok=True)
   records = entry.setdefault("shards", [])
-  ok = [file_ok(os.path.join(split_dir, r["file"]), r, dtype.itemsize, verify_hash) for r in records]
+  problems = [
+    shard_problem(os.path.join(split_dir, r["file"]), r, dtype.itemsize, verify_hash) for r in records
+  ]
+  ok = [p is None for p in problems]
+  if report is not None:
+    report["reused"] = 0
   if entry.get("complete") and all(ok):
     return entry
+  for rec, problem in zip(records, problems):
+    if problem is not None:
+      log.warning(
+        "data: shard %s of source %r %s; rebuilding it",
+        os.path.join(split_dir, rec["file"]),
+        src.name,
+        problem,
+      )
   first_bad = ok.index(False) if False in ok else len(records)
   if first_bad < len(records):
     start = (records[first_bad]["start_doc"], records[first_bad]["start_skip"])
@@ -175,6 +228,8 @@ def build_source_split(
     toks = stream.take(n)
     if index < len(records) and ok[index]:
       index += 1  # verified earlier: same inputs and tokenizer give the same tokens
+      if report is not None:
+        report["reused"] += 1
       return
     name = f"{src.name}/{index:05d}.bin"
     data = toks.astype(dtype, copy=False).tobytes()

@@ -7,8 +7,7 @@ tiny_data_config(root) writes, deterministically, under root:
   web/extra.parquet more such paragraphs in a parquet column       (written only when pyarrow exists)
 and returns a data config over them with a small vocabulary and small shards, so that prepare()
 finishes in a few seconds on a laptop CPU. Every document comes from the Python standard library, so
-the corpus (and which documents its hash split holds out) depends on the Python version alone; the
-installed packages' descriptions would make it differ from one virtual environment to the next.
+the corpus (and which documents its hash split holds out) depends on the Python version alone.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ Four kinds, short enough for a ~1-2M parameter model to learn in a few hundred C
   upper    "Uppercase: cat"    -> "CAT"       (knob: word_len, 2..word_len letters)
 
 The split of a prompt is decided by a hash of its text alone (not by the seed), so a held-out prompt
-never appears in training whatever the seeds of the two calls. `grade` is exact match after
+never appears in training whatever the seeds of the two calls. The held-out `eval_fraction` of the
+prompt space is cut in two halves: "dev" (hash in [0, eval_fraction/2)), for choosing settings, and
+"eval" (hash in [eval_fraction/2, eval_fraction)), the test prompts every stage reports on; "train"
+is the rest. The three never share a prompt. `grade` is exact match after
 whitespace strip. `comparisons` derives preference pairs from the same tasks: the correct answer
 beats a plausible wrong one (off by one, two elements swapped, one element too few or too many), and among correct answers
 the bare one beats the same answer wrapped in filler ("rambling").
@@ -18,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import random
 from collections.abc import Iterable, Sequence
 
+from gpt_jax.config import Key
 from gpt_jax.errors import ConfigError, DataError
 
 KINDS = ("add", "reverse", "sort", "upper")
@@ -37,9 +40,25 @@ _RAMBLE = (
 )
 
 
+# The `tasks` section of every stage that uses the embedded tasks (SFT, reward modeling, the RL
+# stages). kinds/digits/list_len/word_len/eval_fraction define the task space, which all stages of one
+# recipe share; seed and the counts say what each stage draws from it.
+SCHEMA = {
+  "kinds": Key(",".join(KINDS)),  # comma-separated, some of KINDS
+  "digits": Key(2, "[1, 9]"),  # add: operands up to this many digits
+  "list_len": Key(4, "[2, 26]"),  # reverse / sort: lists of 2..list_len items
+  "word_len": Key(4, "[2, 26]"),  # upper: words of 2..word_len letters
+  "eval_fraction": Key(0.2, "(0, 1)"),  # share of the prompt space held out (by hash of the prompt)
+  "seed": Key(0, ">= 0"),
+  "train": Key(20_000, ">= 1"),  # training tasks drawn
+  "eval": Key(500, ">= 1"),  # held-out tasks drawn
+}
+SPACE_KEYS = ("kinds", "digits", "list_len", "word_len", "eval_fraction")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """Difficulty knobs; `eval_fraction` of the prompt space (by hash) is held out."""
+  """The task space; `eval_fraction` of it (by hash of the prompt) is held out."""
 
   kinds: tuple[str, ...] = KINDS
   digits: int = 2
@@ -48,51 +67,42 @@ class TaskSpec:
   eval_fraction: float = 0.2
 
   def validate(self) -> TaskSpec:
-    """Raises ConfigError naming the first bad knob (as `task_<knob>`)."""
+    """Raises ConfigError naming the first bad knob (as `tasks.<knob>`)."""
     unknown = [k for k in self.kinds if k not in KINDS]
     if not self.kinds or unknown:
       got = repr(unknown[0]) if unknown else "(none given)"
-      raise ConfigError(f"task_kinds: unknown kind {got}; expected some of {KINDS}")
+      raise ConfigError(f"tasks.kinds: unknown kind {got}; expected some of {KINDS}")
     for key, lo, hi in (("digits", 1, 9), ("list_len", 2, 26), ("word_len", 2, 26)):
       v = getattr(self, key)
       if not lo <= int(v) <= hi:
-        raise ConfigError(f"task_{key}: must be in [{lo}, {hi}], got {v}")
+        raise ConfigError(f"tasks.{key}: must be in [{lo}, {hi}], got {v}")
     if not 0.0 < self.eval_fraction < 1.0:
-      raise ConfigError(f"task_eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+      raise ConfigError(f"tasks.eval_fraction: must be in (0, 1), got {self.eval_fraction}")
     return self
 
 
-def spec_from_config(section, name: str) -> TaskSpec:
-  """The TaskSpec of a config section's task_* knobs; ConfigError names the key as `<name>.task_<knob>`."""
-  kinds = tuple(k.strip() for k in str(section.task_kinds).split(",") if k.strip())
-  spec = TaskSpec(
+def spec_from_config(section) -> TaskSpec:
+  """The TaskSpec of a `tasks` config section (ConfigError names the key as `tasks.<knob>`)."""
+  kinds = tuple(k.strip() for k in str(section["kinds"]).split(",") if k.strip())
+  return TaskSpec(
     kinds,
-    int(section.task_digits),
-    int(section.task_list_len),
-    int(section.task_word_len),
-    float(section.task_eval_fraction),
-  )
-  try:
-    return spec.validate()
-  except ConfigError as e:
-    raise ConfigError(f"{name}.{e}") from None
+    int(section["digits"]),
+    int(section["list_len"]),
+    int(section["word_len"]),
+    float(section["eval_fraction"]),
+  ).validate()
 
 
-def check_data_section(section, name: str, embedded: str) -> None:
-  """The data keys of a stage whose default data are the embedded tasks (cfg.sft, cfg.rm): data_path /
-  eval_path are files that exist, eval_path comes with a data_path, eval_fraction is in (0, 1), and
-  without data_path the task_* knobs are valid. ConfigError / DataError name `<name>.<key>`."""
-  if not 0.0 < float(section.eval_fraction) < 1.0:
-    raise ConfigError(f"{name}.eval_fraction: must be in (0, 1), got {section.eval_fraction}")
+def check_data_section(section, name: str) -> None:
+  """The keys of a stage section whose data default to the embedded tasks (cfg.sft, cfg.rm): data_path
+  and eval_path are files that exist, and eval_path comes with a data_path. Errors name `<name>.<key>`."""
   for key in ("data_path", "eval_path"):
     if section[key] and not os.path.isfile(section[key]):
       raise DataError(f"{name}.{key}: file {section[key]} does not exist")
   if section.eval_path and not section.data_path:
     raise ConfigError(
-      f"{name}.eval_path: given without {name}.data_path (the embedded {embedded} bring their own eval split)"
+      f"{name}.eval_path: given without {name}.data_path (the embedded tasks bring their own eval split)"
     )
-  if not section.data_path:
-    spec_from_config(section, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +128,17 @@ def hash_fraction(text: str) -> float:
   return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
+SPLITS = ("train", "dev", "eval")
+
+
 def split_of(question: str, eval_fraction: float) -> str:
-  """'eval' or 'train': the split that owns this prompt text."""
-  return "eval" if hash_fraction(question) < eval_fraction else "train"
+  """'dev', 'eval' or 'train': the split that owns this prompt text. The held-out share
+  `eval_fraction` (by hash) is halved: its lower half is 'dev' (for tuning), its upper half 'eval'
+  (the test prompts that results are reported on)."""
+  h = hash_fraction(question)
+  if h < eval_fraction / 2:
+    return "dev"
+  return "eval" if h < eval_fraction else "train"
 
 
 def _one(kind: str, rng: random.Random, spec: TaskSpec) -> Task:
@@ -140,28 +158,32 @@ def _one(kind: str, rng: random.Random, spec: TaskSpec) -> Task:
 
 
 def make_tasks(split: str, n: int, seed: int, spec: TaskSpec = TaskSpec()) -> list[Task]:
-  """Returns n tasks of `split` ('train' | 'eval'), deterministic in (split, n, seed, spec).
+  """Returns n tasks of `split` ('train' | 'dev' | 'eval'), deterministic in (split, n, seed, spec).
 
   Kinds cycle in spec.kinds order. Train tasks may repeat (a small prompt space is sampled with
-  replacement); eval tasks are distinct, and DataError says so when the held-out space is too small.
+  replacement); dev and eval tasks are distinct, and DataError says so when the held-out space is
+  too small.
   """
-  if split not in ("train", "eval"):
-    raise DataError(f"tasks: unknown split {split!r}; expected 'train' or 'eval'")
+  if split not in SPLITS:
+    raise DataError(f"tasks: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   spec.validate()
   rng = random.Random(f"{seed}:{split}")
   out, seen = [], set()
-  attempts, budget = 0, 50 * max(n, 1) + 1000  # generous: a held-out draw succeeds ~1 in 5
+  # Generous: ten times the draws a split needs on average (a dev / eval draw succeeds with
+  # probability eval_fraction / 2, ~1 in 10 by default).
+  share = (1.0 - spec.eval_fraction) if split == "train" else spec.eval_fraction / 2
+  attempts, budget = 0, int(10 / share) * max(n, 1) + 1000
   while len(out) < n:
     attempts += 1
     if attempts > budget:
       raise DataError(
         f"tasks: found only {len(out)} distinct {split} prompts of {n} wanted; "
-        "raise task_digits / task_list_len / task_word_len or ask for fewer"
+        "raise tasks.digits / tasks.list_len / tasks.word_len or ask for fewer"
       )
     task = _one(spec.kinds[len(out) % len(spec.kinds)], rng, spec)
     if split_of(task.question, spec.eval_fraction) != split:
       continue
-    if split == "eval":
+    if split != "train":
       if task.question in seen:
         continue
       seen.add(task.question)
@@ -240,30 +262,3 @@ def comparisons(tasks: Sequence[Task], seed: int, rambling_fraction: float = 0.2
 def task_rows(tasks: Iterable[Task]) -> list[dict]:
   """JSONL rows {"messages", "kind", "answer"}: the conversation format plus what the grader needs."""
   return [{"messages": t.conversation(), "kind": t.kind, "answer": t.answer} for t in tasks]
-
-
-def read_jsonl(path: str):
-  """Yields (where, row) for each non-blank line of a JSONL file, where = "path:line";
-  a line that is not JSON raises DataError naming it."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        yield where, json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-
-
-def write_jsonl(path: str, rows: Iterable) -> int:
-  """Writes one JSON value per line, atomically (tmp file + rename); returns the number of rows."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  n = 0
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      n += 1
-  os.replace(tmp, path)
-  return n

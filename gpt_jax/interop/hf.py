@@ -13,8 +13,9 @@ Import reads one tensor at a time and places it on the mesh as it goes:
 An imported checkpoint is a directory that `checkpoint.restore_params(dir, abstract)` reads directly:
   <dir>/model_config.json   the ModelConfig fields (plus where the weights came from)
   <dir>/state/              orbax PyTree {"params": params}
-  <dir>/hf_tokenizer/       the model's tokenizer files, when it has any (load_hf_tokenizer reads them;
-                            load_chat_tokenizer puts the chat adapter the stages use around them)
+  <dir>/hf_tokenizer/       the model's tokenizer files, when it has any (tokenizers.load_hf_tokenizer
+                            reads them; tokenizers.load_chat_tokenizer puts the chat adapter the stages
+                            use around them)
   <dir>/_INTEGRITY.json     size + crc32 of every file (written last, so a partial import never counts)
 
 Export gathers one tensor at a time and writes safetensors files of at most `max_shard_bytes`
@@ -41,24 +42,18 @@ from gpt_jax import sharding as sharding_lib
 from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.interop.hf_config import config_from_hf, hf_arch, hf_config, model_type  # noqa: F401 - re-exported
 from gpt_jax.interop.hf_files import TensorFiles
-from gpt_jax.interop.hf_tokenizer import (  # noqa: F401 - re-exported
-  TOKENIZER_DIR,
-  TOKENIZER_FILES,
-  ChatTokenizer,
-  HfTokenizer,
-  load_chat_tokenizer,
-  load_hf_tokenizer,
-)
-from gpt_jax.interop.hf_tokenizer import tokenizer_files as tokenizer_files_in
 from gpt_jax.interop.hf_weights import Spec, export_tensors, import_specs
+from gpt_jax.tokenizers.base import HF_TOKENIZER_DIR
+from gpt_jax.tokenizers.hf import TOKENIZER_FILES
+from gpt_jax.tokenizers.hf import tokenizer_files as tokenizer_files_in
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model_config.json"
 STATE = "state"
-# The HF tokenizer travels with an import as TOKENIZER_DIR, apart from <dir>/tokenizer/ (the project's
+# The HF tokenizer travels with an import as HF_TOKENIZER_DIR, apart from <dir>/tokenizer/ (the project's
 # own SentencePiece models with gpt_jax's special tokens live there; an HF tokenizer generally lacks
-# them): stages read it through the chat adapter, hf_tokenizer.ChatTokenizer.
+# them): stages read it through the chat adapter, tokenizers.hf.ChatTokenizer.
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -161,7 +156,7 @@ def load_hf_params(model_dir: str, cfg: model_lib.ModelConfig, *, mesh=None, axe
 
 
 def _copy_tokenizer(model_dir: str, dest: str) -> None:
-  """Copies the HF tokenizer files that exist (load them with load_hf_tokenizer(dest))."""
+  """Copies the HF tokenizer files that exist (load them with tokenizers.load_hf_tokenizer(dest))."""
   names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]
   if names:
     os.makedirs(dest, exist_ok=True)
@@ -178,7 +173,7 @@ def import_hf(model_dir: str, out_dir: str, *, mesh_cfg=None, **overrides) -> mo
   """
   import orbax.checkpoint as ocp
 
-  from gpt_jax.checkpoint import write_integrity_record
+  from gpt_jax import integrity
 
   cfg = config_from_hf(read_hf_config(model_dir), **overrides)
   check_tensors(TensorFiles(model_dir), import_specs(cfg), cfg)  # headers only: fail before heavy work
@@ -201,8 +196,8 @@ def import_hf(model_dir: str, out_dir: str, *, mesh_cfg=None, **overrides) -> mo
     meta = {**dataclasses.asdict(cfg), "_source": {"hf_dir": os.path.abspath(model_dir)}}
     with open(os.path.join(partial, MODEL_CONFIG), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    _copy_tokenizer(model_dir, os.path.join(partial, TOKENIZER_DIR))
-    write_integrity_record(partial)
+    _copy_tokenizer(model_dir, os.path.join(partial, HF_TOKENIZER_DIR))
+    integrity.write_record(partial)
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty (checked above)
     os.replace(partial, out_dir)

@@ -1,12 +1,11 @@
 """Reward modeling: a scalar head on the SFT transformer, read at each sequence's final (end-of-text)
 token and trained with the Bradley-Terry loss on pairwise comparisons.
 
-  python -m gpt_jax rm --config=experiments/rm.py:tiny --config.train.init_from=SFT_WORKDIR --workdir=DIR
-  python -m gpt_jax score --workdir=DIR --prompt="Add 2 and 3." --response="5"
+  python -m gpt_jax rm --config=experiments/rm.py:tiny --config.train.init_from=SFT_DIR --workdir=DIR
 
-The workdir holds config.json, tokenizer/ (copied from the SFT workdir), checkpoints/ (params = the
-transformer's + "score_head") and, once training is done, reward_stats.json: the reward mean/std over
-the SFT model's own samples to train prompts, which PPO uses to normalize rewards.
+The workdir holds config.json, the SFT run's tokenizer, checkpoints/ (params {"trunk", "head"}) and,
+once training is done, reward_stats.json: the reward mean/std over the SFT model's own samples to
+train prompts, which the RL stages use to normalize rewards. Scoring lives in rewards.py.
 
 Legend: B rows (2 per pair), N pairs, T time, D model width.
 """
@@ -19,166 +18,82 @@ import os
 import jax
 import numpy as np
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import distributed, heads, losses, sampling, sharding, trainer
+from gpt_jax import distributed, grading, loop, losses, placed, rewards, runs, sampling, sharding
 from gpt_jax import metrics as metrics_lib
 from gpt_jax import model as model_lib
+from gpt_jax import tokenizers as tok_lib
+from gpt_jax import workdir as workdir_lib
+from gpt_jax.config import Key
 from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.data.tokenizer import Tokenizer, check_vocab, load_any_tokenizer
-from gpt_jax.errors import CheckpointError, ConfigError, DataError
+from gpt_jax.errors import ConfigError, DataError
 from gpt_jax.model import ModelConfig
-from gpt_jax.stages import sft
 
-STATS_FILE = "reward_stats.json"
-# For PPO: a rollout's reward sequence (prompt ids + response ids + eos) and a right-padded batch of them.
-reward_inputs = comp_data.reward_inputs
-reward_batch = comp_data.reward_batch
+SCHEMA = config_lib.stage_schema(
+  "rm",
+  model=model_lib.SCHEMA,
+  tasks=config_lib.subset(
+    tasks_lib.SCHEMA, seed=Key(1, ">= 0"), train=Key(8000, ">= 1"), eval=Key(512, ">= 1")
+  ),
+  rm={
+    "data_path": Key(""),  # '' = the embedded comparisons, written to <workdir>/data/{train,eval}.jsonl
+    "eval_path": Key(""),  # '' with data_path: hold out eval_fraction of the prompts of data_path by hash
+    "eval_fraction": Key(0.05, "(0, 1)"),
+    "seed": Key(0, ">= 0"),  # order of the prompts in each epoch
+    "use_margin": Key(False),  # subtract each pair's "margin" inside the log-sigmoid (Llama 2)
+    "center_coef": Key(0.0, ">= 0"),  # coef * (r_chosen + r_rejected)^2 keeps rewards near 0
+    "require_sft": Key(True),  # train.init_from must be a run of the SFT stage
+    "rambling_fraction": Key(0.25, "[0, 1]"),  # share of pairs "bare answer > the same answer in filler"
+    # The SFT model's own graded mistakes as rejected replies (InstructGPT ranks model samples): one
+    # reply sampled for each of the first policy_train / policy_eval prompts; wrong ones become pairs.
+    "policy_train": Key(0, ">= 0"),
+    "policy_eval": Key(0, ">= 0"),
+    "policy_temperature": Key(1.0, "> 0"),
+    # reward_stats.json: the reward mean/std over the SFT model's own samples (for the RL stages).
+    "stats_samples": Key(256, ">= 0"),
+    "stats_max_new_tokens": Key(16, ">= 1"),
+    "stats_temperature": Key(1.0, ">= 0"),  # 0: greedy
+    "stats_batch": Key(64, ">= 1"),
+  },
+)
 
 
-# --- config ---------------------------------------------------------------------------------------
-
-
-def task_spec(r) -> tasks_lib.TaskSpec:
-  """The TaskSpec of the cfg.rm task_* knobs (ConfigError names the rm key)."""
-  return tasks_lib.spec_from_config(r, "rm")
+def default_config():
+  return config_lib.defaults(SCHEMA)
 
 
 def validate(cfg) -> ModelConfig:
   """All checks that need no data and no compile; returns the model config."""
+  config_lib.check(cfg, SCHEMA)
   model_cfg = ModelConfig.from_config(cfg.model)
-  config_lib.validate_train(cfg, jax.device_count())
   t, r = cfg.train, cfg.rm
-  if not str(t.init_from):
-    raise ConfigError("train.init_from: required; set it to the SFT workdir (or its checkpoints dir)")
-  if int(t.global_batch) % (2 * int(t.grad_accum)):
-    raise ConfigError(
-      f"train.global_batch: {t.global_batch} rows must be a multiple of 2 x train.grad_accum = "
-      f"{2 * int(t.grad_accum)} (each pair takes a chosen and a rejected row)"
-    )
-  if float(r.center_coef) < 0:
-    raise ConfigError(f"rm.center_coef: must be >= 0, got {r.center_coef}")
-  config_lib.check_at_least(
-    r,
-    "rm",
-    dict(
-      task_train=1,
-      task_eval=1,
-      stats_samples=0,
-      stats_max_new_tokens=1,
-      stats_batch=1,
-      policy_train=0,
-      policy_eval=0,
-    ),
+  config_lib.check_train(cfg, jax.device_count())
+  distributed.check_train(cfg)
+  config_lib.check_batch(
+    "train.global_batch",
+    int(t.global_batch),
+    int(t.grad_accum),
+    config_lib.data_shards(cfg, jax.device_count()),
+    unit=2,
   )
+  if not str(t.init_from):
+    raise ConfigError("train.init_from: required; set it to the SFT run's workdir")
   if r.data_path and (int(r.policy_train) or int(r.policy_eval)):
     raise ConfigError(
       "rm.policy_train: the SFT model's graded mistakes need the embedded tasks (rm.data_path '')"
     )
-  for key in ("policy_train", "policy_eval"):
-    if int(r[key]) > int(r[f"task_{key[7:]}"]):
-      raise ConfigError(f"rm.{key}: {r[key]} is more than rm.task_{key[7:]}={r[f'task_{key[7:]}']} prompts")
-  if float(r.policy_temperature) <= 0:
-    raise ConfigError(
-      f"rm.policy_temperature: must be > 0 (greedy replies would repeat), got {r.policy_temperature}"
-    )
-  if float(r.stats_temperature) < 0:
-    raise ConfigError(f"rm.stats_temperature: must be >= 0 (0 is greedy), got {r.stats_temperature}")
+  for key, split in (("policy_train", "train"), ("policy_eval", "eval")):
+    if int(r[key]) > int(cfg.tasks[split]):
+      raise ConfigError(f"rm.{key}: {r[key]} is more than tasks.{split}={cfg.tasks[split]} prompts")
   # +2: the eos that the reward head reads after each reply takes a slot too (sample_replies)
   config_lib.check_room_for_prompt(r, "rm", "stats_max_new_tokens", model_cfg.max_seq_len, reserve=2)
-  if not 0.0 <= float(r.rambling_fraction) <= 1.0:
-    raise ConfigError(f"rm.rambling_fraction: must be in [0, 1], got {r.rambling_fraction}")
-  tasks_lib.check_data_section(r, "rm", "comparisons")
+  tasks_lib.check_data_section(r, "rm")
+  tasks_lib.spec_from_config(cfg.tasks)
   return model_cfg
 
 
-# --- the SFT checkpoint to start from ---------------------------------------------------------------
-
-
-def check_init(cfg, src: sft.InitSource) -> None:
-  """CheckpointError unless src is an SFT checkpoint (when rm.require_sft) of this config's model shape."""
-  extra = sft.init_extra(src)
-  stage = extra.get("stage")
-  if bool(cfg.rm.require_sft) and stage != "sft":
-    raise CheckpointError(
-      f"train.init_from: {src.checkpoint} was written by stage {stage!r}, not by SFT; the reward model starts "
-      "from an SFT checkpoint (set rm.require_sft=False to start from another)"
-    )
-  saved = (extra.get("config") or {}).get("model")
-  if saved is None:
-    return  # restore_params still names any tensor whose shape differs
-  diff = sft.model_difference(saved, config_lib.to_dict(cfg.model))
-  if diff is not None:
-    key, mine, theirs = diff
-    raise CheckpointError(
-      f"model.{key}: {mine!r} differs from {theirs!r} in the init checkpoint "
-      f"{src.checkpoint}; the reward model must have the SFT model's shape"
-    )
-
-
-def trunk_abstract(model: trainer.Model) -> dict:
-  """The transformer's params (no head) as ShapeDtypeStructs carrying their shardings."""
-  shapes, _ = heads.split_head(model.shapes)
-  shardings, _ = heads.split_head(model.shardings)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def restore_init(model: trainer.Model, src: sft.InitSource) -> dict:
-  """The SFT transformer plus a zero head (every sequence starts at reward 0), sharded as the model says."""
-  params = ckpt_lib.restore_params(src.checkpoint, trunk_abstract(model))
-  head = jax.jit(lambda: heads.init_head(model.cfg.d_model), out_shardings=model.shardings[heads.HEAD])()
-  return {**params, heads.HEAD: head}
-
-
 # --- data -------------------------------------------------------------------------------------------
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def load_data(cfg, workdir: str, log_fn, sampled_pairs=None) -> tuple[list, list]:
-  """(train, eval) comparisons: the configured files, or the embedded task comparisons written once into
-  <workdir>/data/ (a resumed run reads what the first run wrote). Held-out prompts never train.
-
-  sampled_pairs(tasks, split) -> rows adds the SFT model's graded mistakes (policy_pairs) for the first
-  rm.policy_train / rm.policy_eval tasks of each split; every process calls it (the sampler is a
-  collective), process 0 writes."""
-  r = cfg.rm
-  if r.data_path:
-    train = comp_data.read_comparisons(r.data_path)
-    if r.eval_path:
-      return train, comp_data.read_comparisons(r.eval_path)
-    train, held = comp_data.hash_split(train, float(r.eval_fraction))
-    if not train or not held:
-      raise DataError(
-        f"rm.data_path: {r.data_path} is too small to hold out rm.eval_fraction={r.eval_fraction}; give rm.eval_path"
-      )
-    return train, held
-  spec, data_dir = task_spec(r), os.path.join(workdir, "data")
-  splits = (
-    ("train", int(r.task_train), int(r.task_seed), int(r.policy_train)),
-    ("eval", int(r.task_eval), int(r.task_seed) + 1, int(r.policy_eval)),
-  )
-  missing = {split for split, *_ in splits if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl"))}
-  _sync("gpt_jax_rm_comparisons_checked")  # every process has looked before process 0 writes
-  for split, n, seed, n_policy in splits:
-    if split not in missing:
-      continue
-    tasks = tasks_lib.make_tasks(split, n, seed, spec)
-    rows = tasks_lib.comparisons(tasks, seed, float(r.rambling_fraction))
-    sampled = sampled_pairs(tasks[:n_policy], split) if n_policy and sampled_pairs else []
-    if jax.process_index() == 0:
-      path = os.path.join(data_dir, f"{split}.jsonl")
-      tasks_lib.write_jsonl(path, rows + sampled)
-      extra = f" + {len(sampled)} of the SFT model's mistakes on {n_policy} prompts" if n_policy else ""
-      log_fn(f"[rm] wrote {n} {split} comparisons ({', '.join(spec.kinds)}){extra} -> {path}")
-  _sync("gpt_jax_rm_comparisons_written")
-  return tuple(comp_data.read_comparisons(os.path.join(data_dir, f"{s}.jsonl")) for s in ("train", "eval"))
 
 
 def report_data(train_enc, eval_enc, seq_len: int, log_fn) -> dict:
@@ -194,26 +109,15 @@ def report_data(train_enc, eval_enc, seq_len: int, log_fn) -> dict:
   return out
 
 
-# --- model and loss ---------------------------------------------------------------------------------
+# --- loss and evaluation ----------------------------------------------------------------------------
 
 
-def rewards_from_batch(model: trainer.Model, params, batch: dict) -> jax.Array:
-  """The reward of every row, float32 (B,): the head at batch["end_index"] ((B,) or (B, 1)).
-
-  batch holds inputs, positions, segment_ids (B, T), right-padded, each row ending with eos at end_index.
-  Pure and jittable (model is static).
-  """
-  out = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"], compute_logits=False)
-  _, head = heads.split_head(params)
-  return heads.score_at(out.hidden, head, batch["end_index"].reshape(-1))
-
-
-def rm_loss(model: trainer.Model, *, use_margin: bool = False, center_coef: float = 0.0):
+def rm_loss(model: placed.Model, *, use_margin: bool = False, center_coef: float = 0.0):
   """Bradley-Terry over a comparison batch: rows 2i / 2i+1 are pair i's chosen / rejected side."""
 
   def loss_fn(params, batch, rng):
     del rng
-    r_N2 = rewards_from_batch(model, params, batch).reshape(-1, 2)
+    r_N2 = model.scores(params, batch).reshape(-1, 2)
     pair_mask_N = batch["pair_mask"].reshape(-1, 2)[:, 0]
     margin_N = batch["margin"].reshape(-1, 2)[:, 0] if use_margin else None
     return losses.bradley_terry(
@@ -238,68 +142,23 @@ def eval_summary(sums: dict) -> dict:
   }
 
 
-def make_scorer(model: trainer.Model):
-  """jitted `scorer(params, batch) -> (B,)` rewards, activations sharded by the rules table."""
-
-  def run(params, batch):
-    with sharding.activation_mesh(model.mesh):
-      return rewards_from_batch(model, params, batch)
-
-  return jax.jit(run)
-
-
-def score_sequences(
-  model: trainer.Model, params, sequences, pad_id: int, *, batch_size: int = 64, scorer=None
-):
-  """Rewards of token sequences (each ending with eos), in order: a list of floats.
-
-  Rows are padded to a multiple of 32 tokens (at most model.max_seq_len) and batches to batch_size rows,
-  so few shapes compile. DataError names a sequence longer than model.max_seq_len.
-  """
-  scorer = scorer or make_scorer(model)
-  limit = model.cfg.max_seq_len
-  for i, s in enumerate(sequences):
-    if len(s) > limit:
-      raise DataError(
-        f"pair {i}: prompt + response + eos is {len(s)} tokens, more than model.max_seq_len={limit}"
-      )
-  out: list[float] = []
-  for lo in range(0, len(sequences), batch_size):
-    chunk = list(sequences[lo : lo + batch_size])
-    T = min(-(-max(len(s) for s in chunk) // 32) * 32, limit)
-    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compile
-    batch = comp_data.reward_batch(rows, T, pad_id)
-    out += [float(x) for x in jax.device_get(scorer(params, batch))[: len(chunk)]]
-  return out
-
-
-def accuracy_by_label(model: trainer.Model, params, enc: comp_data.EncodedPairs, pad_id: int) -> dict:
+def accuracy_by_label(model: placed.Model, params, enc: comp_data.EncodedPairs, pad_id: int) -> dict:
   """Held-out pairwise accuracy per label ("kind/reason" of the data, e.g. accuracy_add/wrong); {} without labels."""
   if not any(enc.labels):
     return {}
   seqs = [s for pair in zip(enc.chosen, enc.rejected) for s in pair]
-  r_N2 = np.asarray(score_sequences(model, params, seqs, pad_id)).reshape(-1, 2)
+  r_N2 = np.asarray(rewards.score_sequences(model, params, seqs, pad_id)).reshape(-1, 2)
   right = r_N2[:, 0] > r_N2[:, 1]
   labels = np.asarray(enc.labels)
   return {f"accuracy_{k}": float(right[labels == k].mean()) for k in sorted(set(enc.labels)) if k}
 
 
-# --- reward statistics over the SFT model's own samples ---------------------------------------------
+# --- the SFT model's own samples ---------------------------------------------------------------------
 
 
 def sample_replies(
-  model: trainer.Model,
-  params,
-  tokenizer: Tokenizer,
-  prompts,
-  *,
-  max_new_tokens: int,
-  temperature: float,
-  batch: int,
-  seed: int,
-  limit: int,
-  what: str,
-) -> list[tuple[int, list[int], list[int]]]:
+  model, params, tokenizer, prompts, *, max_new_tokens, temperature, batch, seed, limit, what
+):
   """One sampled reply per prompt (messages), for the first `limit` prompts that leave room for
   max_new_tokens and the eos the reward head reads. Returns [(prompt index, prompt ids, reply ids
   (ending with the end-of-turn token unless cut at max_new_tokens))]; DataError when no prompt fits."""
@@ -310,38 +169,25 @@ def sample_replies(
     raise DataError(
       f"rm: no {what} prompt fits model.max_seq_len - {max_new_tokens} new tokens - 1 = {room} tokens"
     )
-  P = min(-(-max(len(x) for _, x in ids) // 16) * 16, room)
-  batch = min(batch, len(ids))
-  sampler = sampling.make_sampler(
+  replier = sampling.Replier(
     model.cfg,
     model.graphdef,
     eos_id=tokenizer.special_id("end_of_turn"),
     pad_id=tokenizer.pad_id,
-    max_prompt_len=P,
+    prompt_len=min(-(-max(len(x) for _, x in ids) // 16) * 16, room),
+    batch=min(batch, len(ids)),
     sample_cfg=sampling.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature),
     mesh=model.mesh,
-    params_sharding=heads.split_head(model.shardings)[0],
+    params_sharding=model.trunk_shardings,
   )
-  key = jax.random.key(seed)
-  out = []
-  for k, lo in enumerate(range(0, len(ids), batch)):
-    chunk = ids[lo : lo + batch]
-    prompt_ids = [x for _, x in chunk]
-    tokens_BP, lengths_B = sampling.pad_prompts(
-      prompt_ids + [prompt_ids[0]] * (batch - len(chunk)), tokenizer.pad_id, P
-    )
-    res = jax.device_get(sampler(params, tokens_BP, lengths_B, jax.random.fold_in(key, k)))
-    for (i, x), row, n in zip(chunk, res.tokens, res.lengths):
-      out.append((i, x, [int(t) for t in row[: int(n)]]))
-  return out
+  replies = replier(params, [x for _, x in ids], jax.random.key(seed))
+  return [(i, x, reply) for (i, x), reply in zip(ids, replies)]
 
 
-def reward_stats(
-  cfg, model: trainer.Model, rm_params, sft_params, tokenizer: Tokenizer, prompts, log_fn
-) -> dict:
+def reward_stats(cfg, model, rm_params, sft_params, tokenizer, prompts, log_fn) -> dict:
   """Samples one reply from the SFT policy per prompt (rm.stats_* knobs) and scores it with the RM.
 
-  Returns {"mean", "std", "n", "source": "sft samples"}: PPO divides (reward - mean) by std.
+  Returns {"mean", "std", "n", "source": "sft samples"}: the RL stages divide (reward - mean) by std.
   """
   r = cfg.rm
   replies = sample_replies(
@@ -358,7 +204,7 @@ def reward_stats(
   )
   seqs = [comp_data.reward_inputs(tokenizer, x, reply) for _, x, reply in replies]
   batch = min(int(r.stats_batch), len(seqs))
-  scores = np.asarray(score_sequences(model, rm_params, seqs, tokenizer.pad_id, batch_size=batch))
+  scores = np.asarray(rewards.score_sequences(model, rm_params, seqs, tokenizer.pad_id, batch_size=batch))
   stats = {
     "mean": float(scores.mean()),
     "std": float(scores.std()),
@@ -369,14 +215,11 @@ def reward_stats(
   return stats
 
 
-def policy_pairs(
-  cfg, model: trainer.Model, sft_params, tokenizer: Tokenizer, tasks, split: str
-) -> list[dict]:
+def policy_pairs(cfg, model, sft_params, tokenizer, tasks, split: str) -> list[dict]:
   """Comparisons of the SFT model's own mistakes: one reply sampled per task (rm.policy_temperature);
   each reply the grader marks wrong becomes the rejected side against the reference answer (reason
   "sampled"). This is InstructGPT's recipe (labelers rank the model's own samples) with the grader as
-  the labeler: the reward model then learns the mistakes PPO's policy actually makes, not only the
-  hand-made ones, which is what keeps PPO from finding them as reward hacks."""
+  the labeler: the reward model then learns the mistakes the RL policy actually makes."""
   r = cfg.rm
   replies = sample_replies(
     model,
@@ -386,7 +229,7 @@ def policy_pairs(
     max_new_tokens=int(r.stats_max_new_tokens),
     temperature=float(r.policy_temperature),
     batch=int(r.stats_batch),
-    seed=int(r.task_seed) + (0 if split == "train" else 1),
+    seed=int(cfg.tasks.seed) + (0 if split == "train" else 1),
     limit=len(tasks),
     what=split,
   )
@@ -394,7 +237,7 @@ def policy_pairs(
   rows = []
   for i, _, reply in replies:
     task = tasks[i]
-    text = comp_data.reply_text(tokenizer, reply, eot)
+    text = grading.reply_text(tokenizer, reply, eot)
     if not text.strip() or tasks_lib.grade(task, text) > 0 or text == task.answer:
       continue
     rows.append(
@@ -410,17 +253,13 @@ def policy_pairs(
 
 
 def write_stats(
-  cfg, workdir: str, model: trainer.Model, rm_params, tokenizer, train_comps, step: int, log_fn
-):
+  cfg, workdir, model, rm_params, tokenizer, train_comps, step: int, src: runs.Run, log_fn
+) -> None:
   """Writes <workdir>/reward_stats.json (atomically) unless it already describes checkpoint `step`."""
-  path = os.path.join(workdir, STATS_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      if json.load(f).get("step") == step:
-        return
-  src = sft.resolve_init(cfg.train.init_from)
-  check_init(cfg, src)
-  sft_params = ckpt_lib.restore_params(src.checkpoint, trunk_abstract(model))
+  stats = runs.read_reward_stats(workdir)
+  if stats is not None and stats.get("step") == step:
+    return
+  sft_params = src.restore(model.trunk_abstract())
   prompts, seen = [], set()
   for c in train_comps:  # distinct prompts, in file order
     key = json.dumps(c.prompt, sort_keys=True)
@@ -429,168 +268,97 @@ def write_stats(
       prompts.append(c.prompt)
   stats = reward_stats(cfg, model, rm_params, sft_params, tokenizer, prompts, log_fn)
   stats.update(step=step, sft_workdir=src.workdir)
-  if jax.process_index() == 0:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(stats, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  runs.write_json(os.path.join(workdir, runs.REWARD_STATS_FILE), stats)
 
 
 # --- the stage --------------------------------------------------------------------------------------
 
 
-def run(cfg, workdir: str, log_fn=print) -> dict:
-  """Trains the reward model to cfg.train.steps from the SFT checkpoint (train.init_from); resumes from
-  the workdir. Returns trainer.fit's result plus "data" (the dataset counts) and "reward_stats"."""
+def open_init(cfg, recorded: dict | None = None) -> runs.Run:
+  """The run the reward model starts from: an SFT run (unless rm.require_sft=False) of this model's shape.
+  A resumed run goes on from the checkpoint it `recorded` (its extra "init") while that is still there,
+  though the run at train.init_from has been trained further since."""
+  src = runs.open(cfg.train.init_from)
+  if recorded and recorded.get("workdir") == src.fact()["workdir"] and recorded.get("step") != src.step:
+    step_dir = os.path.join(src.workdir, "checkpoints", str(recorded.get("step")))
+    if os.path.isdir(step_dir):
+      src = runs.open(step_dir, "train.init_from")
+  if bool(cfg.rm.require_sft):
+    runs.check_stage(
+      src,
+      ("sft",),
+      "train.init_from",
+      "the reward model starts from an SFT run (or set rm.require_sft=False)",
+    )
+  else:
+    runs.check_stage(src, tuple(s for s in runs.MODEL_ITEM if s != "rm"), "train.init_from")
+  runs.check_model(config_lib.to_dict(cfg.model), src, "the SFT model")
+  return src
+
+
+def run(cfg, workdir: str, log_fn=print) -> loop.Result:
+  """Trains the reward model to cfg.train.steps from the SFT run (train.init_from); resumes from the
+  workdir. Writes reward_stats.json once training is done."""
   model_cfg = validate(cfg)
-  trainer.check_workdir(workdir)
+  workdir_lib.check_writable(workdir)
   t, r = cfg.train, cfg.rm
-  with distributed.WorkdirLock(workdir):
-    resuming = sft.has_checkpoint(workdir)
-    src = None
-    if not resuming:  # a resumed run needs the SFT workdir only for reward_stats.json
-      src = sft.resolve_init(t.init_from)
-      check_init(cfg, src)
-    trainer.save_config(workdir, cfg)
-    tokenizer = sft.install_tokenizer(src, workdir, log_fn)
-    check_vocab(tokenizer, model_cfg.vocab_size)
+  with workdir_lib.WorkdirLock(workdir):
+    resume = runs.check_resume(workdir, cfg, SCHEMA, steps=int(t.steps))
+    # Also needed after training (reward statistics over the SFT model's samples).
+    src = open_init(cfg, resume.extra.get("init"))
+    tokenizer = runs.install_tokenizer(src, workdir, log_fn)
+    record = {**runs.tokenizer_record(tokenizer), "init": src.fact()}
+    resume.check_record(record)
+    tok_lib.check_vocab(tokenizer, model_cfg.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
-    model = trainer.Model.build(model_cfg, mesh, head=True)
+    model = placed.Model.build(model_cfg, mesh, head=True)
 
     def sampled_pairs(tasks, split):
-      init = src or sft.resolve_init(t.init_from)
-      sft_params = ckpt_lib.restore_params(init.checkpoint, trunk_abstract(model))
-      return policy_pairs(cfg, model, sft_params, tokenizer, tasks, split)
+      n = int(r.policy_train if split == "train" else r.policy_eval)
+      return (
+        policy_pairs(cfg, model, src.restore(model.trunk_abstract()), tokenizer, tasks[:n], split)
+        if n
+        else []
+      )
 
-    train_comps, eval_comps = load_data(cfg, workdir, log_fn, sampled_pairs)
+    train_comps, eval_comps = comp_data.load_splits(cfg.rm, cfg.tasks, workdir, "rm", log_fn, sampled_pairs)
     seq_len = int(t.seq_len)
     train_enc = comp_data.encode(train_comps, tokenizer, seq_len, "rm train")
     eval_enc = comp_data.encode(eval_comps, tokenizer, seq_len, "rm eval")
     data_stats = report_data(train_enc, eval_enc, seq_len, log_fn)
-
-    batch_sh = sharding.batch_sharding(mesh)
-    args = dict(global_batch=int(t.global_batch), seq_len=seq_len, sharding=batch_sh)
+    args = dict(global_batch=int(t.global_batch), seq_len=seq_len, sharding=sharding.batch_sharding(mesh))
     # Built before anything compiles: a ranking with more pairs than a batch holds fails here.
     train_loader = comp_data.ComparisonLoader(
       train_enc, seed=int(r.seed), grad_accum=int(t.grad_accum), **args
     )
     comp_data.ComparisonLoader(eval_enc, shuffle=False, repeat=False, **args)
-    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
-    writer.write(0, data_stats, prefix="data/")
-    writer.close()
-    stage = trainer.Stage(
+    with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False) as w:
+      w.write(0, data_stats, prefix="data/")
+    log_fn(f"[rm] starting from {src.describe()}")
+    job = loop.supervised(
+      cfg,
+      model,
       name="rm",
       loss_fn=rm_loss(model, use_margin=bool(r.use_margin), center_coef=float(r.center_coef)),
       train_batches=train_loader,
       eval_batches=lambda: comp_data.ComparisonLoader(eval_enc, shuffle=False, repeat=False, **args),
       eval_summary=eval_summary,
-      init_params=lambda: restore_init(model, src or sft.resolve_init(t.init_from)),
+      init_params=lambda: model.with_zero_head(src.restore(model.trunk_abstract())),
       tokens_per_step=int(t.global_batch) * seq_len,
       flops_per_token=model_lib.flops_per_token(model_cfg, seq_len),
       batch_keys=comp_data.KEYS,
+      record=record,
     )
-    if src is not None:
-      log_fn(f"[rm] starting from {src.checkpoint}")
-    result = trainer.fit(cfg, workdir, model, stage, log_fn=log_fn)
-    if result["eval"]:  # the final held-out accuracy, broken down by the data's labels
-      by_label = accuracy_by_label(model, result["params"], eval_enc, tokenizer.pad_id)
+    result = loop.run(cfg, workdir, job, log_fn=log_fn)
+    if result.eval:  # the final held-out accuracy, broken down by the data's labels
+      by_label = accuracy_by_label(model, result.params, eval_enc, tokenizer.pad_id)
       if by_label:
         with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False) as w:
-          w.write(result["step"], by_label, prefix="eval/")
+          w.write(result.step, by_label, prefix="eval/")
         log_fn(
           "[rm] held-out accuracy by label: " + " ".join(f"{k[9:]}={v:.3f}" for k, v in by_label.items())
         )
-        result["eval"].update(by_label)
+        result.eval.update(by_label)
     if int(r.stats_samples):
-      write_stats(cfg, workdir, model, result["params"], tokenizer, train_comps, result["step"], log_fn)
-    result["data"] = data_stats
-    result["reward_stats"] = read_stats(workdir)
+      write_stats(cfg, workdir, model, result.params, tokenizer, train_comps, result.step, src, log_fn)
     return result
-
-
-# --- loading and scoring ----------------------------------------------------------------------------
-
-
-def read_stats(workdir: str) -> dict | None:
-  """The saved reward_stats.json, or None before training has finished."""
-  path = os.path.join(workdir, STATS_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_reward_model(workdir: str, mesh=None):
-  """Returns (trainer.Model with head, params, tokenizer, reward stats or None) of an RM workdir.
-
-  mesh defaults to all devices on the data axis. CheckpointError if the workdir holds no reward model.
-  """
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise CheckpointError(f"reward model workdir {workdir}: no config.json (not a reward-model workdir)")
-  with open(cfg_path) as f:
-    saved = json.load(f)
-  if saved.get("stage") != "rm":
-    raise CheckpointError(
-      f"reward model workdir {workdir}: config.json is of stage {saved.get('stage')!r}, not 'rm'"
-    )
-  model_cfg = ModelConfig.from_config(saved["model"])
-  mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  model = trainer.Model.build(model_cfg, mesh, head=True)
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), model.shapes, model.shardings
-  )
-  params = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), abstract)
-  return model, params, load_any_tokenizer(workdir), read_stats(workdir)
-
-
-def score(workdir: str, pairs, *, mesh=None, batch_size: int = 32) -> list[float]:
-  """The reward of each (prompt messages or text, response text) pair, read at the eos after the
-  rendered conversation (as in training)."""
-  model, params, tokenizer, _ = load_reward_model(workdir, mesh)
-  seqs = [comp_data.response_tokens(tokenizer, p, resp) for p, resp in pairs]
-  if not seqs:
-    return []
-  return score_sequences(model, params, seqs, tokenizer.pad_id, batch_size=min(batch_size, len(seqs)))
-
-
-def read_pairs_file(path: str) -> list[tuple]:
-  """[(prompt, response)] of a JSONL of {"prompt": text or messages, "response": text}; DataError names file:line."""
-  if not os.path.isfile(path):
-    raise DataError(f"--pairs_file: {path} does not exist")
-  out = []
-  for where, row in tasks_lib.read_jsonl(path):
-    for field in ("prompt", "response"):
-      if not isinstance(row, dict) or field not in row:
-        raise DataError(f'{where}: missing field \'{field}\' (expected {{"prompt", "response"}})')
-    out.append(
-      (
-        comp_data.check_prompt(row["prompt"], where),
-        comp_data.check_response(row["response"], where, "response"),
-      )
-    )
-  if not out:
-    raise DataError(f"--pairs_file: {path} holds no pairs")
-  return out
-
-
-def score_cli(
-  workdir: str,
-  prompt: str | None = None,
-  response: str | None = None,
-  pairs_file: str | None = None,
-  print_fn=print,
-) -> list[float]:
-  """`python -m gpt_jax score`: prints one reward per pair (one per line) and returns them."""
-  if pairs_file and (prompt is not None or response is not None):
-    raise ConfigError("--pairs_file: give either --pairs_file or --prompt with --response, not both")
-  if pairs_file:
-    pairs = read_pairs_file(pairs_file)
-  elif prompt is not None and response is not None:
-    pairs = [(prompt, response)]
-  else:
-    raise ConfigError("--prompt/--response: both are required (or give --pairs_file)")
-  rewards = score(workdir, pairs)
-  for value in rewards:
-    print_fn(f"{value:.6f}")
-  return rewards

@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer: training, encode/decode, special tokens and the chat template.
+"""The project's SentencePiece BPE tokenizer: training, encode/decode, special tokens and the chat template.
 
 The model is trained so that every string round-trips exactly: identity normalization, no dummy
 prefix, whitespace kept as is, and byte fallback (a character outside the vocabulary becomes its
@@ -25,30 +25,26 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from gpt_jax.errors import DataError
+from gpt_jax.files import write_atomic
+from gpt_jax.tokenizers.base import (
+  CHAT_ROLES,
+  META_FILE,
+  MODEL_FILE,
+  SENTENCEPIECE_DIR,
+  SPECIAL_PIECES,
+  render_turns,
+)
 
-MODEL_FILE = "tokenizer.model"
-META_FILE = "tokenizer.json"
-# An imported model's own tokenizer files (Hugging Face layout), read by interop.hf_tokenizer.
-HF_TOKENIZER_DIR = "hf_tokenizer"
-SPECIAL_PIECES = {
-  "unk": "<|unk|>",
-  "bos": "<|bos|>",
-  "eos": "<|endoftext|>",
-  "pad": "<|pad|>",
-  "system": "<|system|>",
-  "user": "<|user|>",
-  "assistant": "<|assistant|>",
-  "end_of_turn": "<|end_of_turn|>",
-}
-CHAT_ROLES = ("system", "user", "assistant")
 # SentencePiece skips training sentences longer than this (bytes); longer lines are cut first.
 _MAX_SENTENCE_BYTES = 4096
 # Below this the 256 byte pieces and the specials leave almost no room for merges.
 MIN_VOCAB_SIZE = 300
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
   """A trained SentencePiece model with the project's special tokens and chat template."""
+
+  kind = "sentencepiece"
 
   def __init__(self, model_proto: bytes, path: str = "<memory>"):
     self.path = path
@@ -66,6 +62,7 @@ class Tokenizer:
     self.bos_id = self._special["bos"]
     self.eos_id = self._special["eos"]
     self.pad_id = self._special["pad"]
+    self._role_ids = {role: [self._special[role]] for role in CHAT_ROLES}
 
   def encode(self, text: str) -> list[int]:
     """Returns the token ids of `text` (no bos/eos added)."""
@@ -94,18 +91,14 @@ class Tokenizer:
     produce (each assistant content and its <|end_of_turn|>), 0 elsewhere. With
     add_generation_prompt the ids end with <|assistant|>, ready for sampling the reply.
     """
-    ids, mask = [self.bos_id], [0]
-    eot = self._special["end_of_turn"]
-    for i, m in enumerate(messages):
-      role, content = check_message(i, m)
-      body = self.encode(content)
-      learn = 1 if role == "assistant" else 0
-      ids += [self._special[role], *body, eot]
-      mask += [0] + [learn] * (len(body) + 1)
-    if add_generation_prompt:
-      ids.append(self._special["assistant"])
-      mask.append(0)
-    return ids, mask
+    return render_turns(
+      messages,
+      self.encode,
+      bos_id=self.bos_id,
+      role_ids=self._role_ids,
+      end_id=self._special["end_of_turn"],
+      add_generation_prompt=add_generation_prompt,
+    )
 
   def sha256(self) -> str:
     """Returns the sha256 hex digest of the serialized model."""
@@ -115,66 +108,23 @@ class Tokenizer:
     """Returns the serialized model (to rebuild the tokenizer in another process)."""
     return self._proto
 
-
-def check_message(i: int, m: dict, where: str = "chat") -> tuple[str, str]:
-  """Returns (role, content) of chat message i; DataError naming `where` for an unknown role, non-text
-  content or an empty assistant turn."""
-  role, content = m.get("role"), m.get("content")
-  if role not in CHAT_ROLES:
-    raise DataError(f"{where}: message {i} has unknown role {role!r}; expected one of {CHAT_ROLES}")
-  if not isinstance(content, str):
-    raise DataError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
-  if role == "assistant" and not content.strip():
-    raise DataError(f"{where}: message {i} is an empty assistant turn; nothing to learn")
-  return role, content
+  def encoder_spec(self) -> tuple[str, bytes]:
+    """("spm", the serialized model): what a worker process needs to encode as this tokenizer does."""
+    return "spm", self._proto
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-  """Raises DataError if the model's embedding table cannot hold every token id."""
-  if int(model_vocab_size) < tokenizer.vocab_size:
-    raise DataError(
-      f"model vocab_size {model_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-      f"({tokenizer.path}); set the model's vocab_size to at least {tokenizer.vocab_size}"
-    )
-
-
-def load_tokenizer(path_or_workdir: str) -> Tokenizer:
-  """Loads a model file, a tokenizer directory, or a workdir holding tokenizer/tokenizer.model."""
+def load(path_or_workdir: str) -> SentencePieceTokenizer:
+  """Returns the tokenizer of a model file, a tokenizer directory, or a workdir holding tokenizer/tokenizer.model."""
   p = os.path.expanduser(str(path_or_workdir))
-  for cand in (p, os.path.join(p, MODEL_FILE), os.path.join(p, "tokenizer", MODEL_FILE)):
+  for cand in (p, os.path.join(p, MODEL_FILE), os.path.join(p, SENTENCEPIECE_DIR, MODEL_FILE)):
     if os.path.isfile(cand):
       with open(cand, "rb") as f:
         proto = f.read()
       try:
-        return Tokenizer(proto, cand)
+        return SentencePieceTokenizer(proto, cand)
       except RuntimeError as e:
         raise DataError(f"tokenizer {cand}: not a SentencePiece model ({e})") from None
   raise DataError(f"tokenizer: no {MODEL_FILE} at {p} (nor in {p}/tokenizer/)")
-
-
-def has_tokenizer(workdir: str) -> bool:
-  """True when a workdir (or an imported checkpoint) holds a tokenizer load_any_tokenizer reads."""
-  p = os.path.expanduser(str(workdir))
-  return os.path.isfile(os.path.join(p, "tokenizer", MODEL_FILE)) or os.path.isdir(
-    os.path.join(p, HF_TOKENIZER_DIR)
-  )
-
-
-def load_any_tokenizer(workdir: str):
-  """The tokenizer of a stage workdir or an imported checkpoint: <workdir>/tokenizer/tokenizer.model
-  (a Tokenizer), else <workdir>/hf_tokenizer/ (an imported model's own tokenizer behind the same
-  interface: interop.hf_tokenizer.ChatTokenizer). A model file or tokenizer directory loads as
-  load_tokenizer does. DataError when there is none."""
-  p = os.path.expanduser(str(workdir))
-  if os.path.isfile(p) or os.path.isfile(os.path.join(p, MODEL_FILE)):
-    return load_tokenizer(p)
-  if os.path.isfile(os.path.join(p, "tokenizer", MODEL_FILE)):
-    return load_tokenizer(os.path.join(p, "tokenizer"))
-  if os.path.isdir(os.path.join(p, HF_TOKENIZER_DIR)):
-    from gpt_jax.interop.hf_tokenizer import load_chat_tokenizer
-
-    return load_chat_tokenizer(os.path.join(p, HF_TOKENIZER_DIR))
-  raise DataError(f"tokenizer: {p} has neither tokenizer/{MODEL_FILE} nor {HF_TOKENIZER_DIR}/")
 
 
 def training_sentences(docs: Iterable[str]) -> Iterable[str]:
@@ -191,10 +141,10 @@ def training_sentences(docs: Iterable[str]) -> Iterable[str]:
 
 def train_tokenizer(
   docs: Sequence[str], out_dir: str, *, vocab_size: int, num_threads: int = 1, seed: int = 0
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
   """Trains a BPE model on `docs`, writes out_dir/tokenizer.model (atomically) and its metadata.
 
-  Returns the loaded Tokenizer. Raises DataError if the sample is empty or vocab_size too small.
+  Returns the loaded SentencePieceTokenizer. Raises DataError if the sample is empty or vocab_size too small.
   """
   if vocab_size < MIN_VOCAB_SIZE:
     raise DataError(
@@ -242,7 +192,7 @@ def train_tokenizer(
   proto = model.getvalue()
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, MODEL_FILE)
-  tok = Tokenizer(proto, path)
+  tok = SentencePieceTokenizer(proto, path)
   meta = {
     "vocab_size_requested": int(vocab_size),
     "vocab_size": tok.vocab_size,
@@ -254,13 +204,3 @@ def train_tokenizer(
   write_atomic(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2).encode())
   write_atomic(path, proto)  # the model last: its presence marks a finished tokenizer
   return tok
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to path via a temporary file and a rename, so readers never see half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

@@ -3,8 +3,8 @@
 GPT-2's byte-level BPE is read with the `tokenizers` library (the reference implementation, shipped
 with transformers); LLaMA's tokenizer.model with sentencepiece. Both get the same small interface.
 
-ChatTokenizer puts that interface behind the one of the project's Tokenizer (chat template, special
-ids, identity hash), so that every stage can finetune and sample an imported model in its own
+ChatTokenizer puts that interface behind the common one (tokenizers/base.py Tokenizer: chat template,
+special ids, identity hash), so that every stage can finetune and sample an imported model in its own
 vocabulary; load_chat_tokenizer reads it from <import>/hf_tokenizer or <workdir>/hf_tokenizer.
 """
 
@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 
-from gpt_jax.data.tokenizer import CHAT_ROLES, HF_TOKENIZER_DIR, check_message
 from gpt_jax.errors import DataError
+from gpt_jax.tokenizers.base import CHAT_ROLES, render_turns
 
 
 def _special_token(model_dir: str, key: str) -> str | None:
@@ -30,32 +31,46 @@ def _special_token(model_dir: str, key: str) -> str | None:
 
 
 class HfTokenizer:
-  """encode/decode over either backend; eos_id/bos_id are None when the tokenizer has none."""
+  """encode/decode over either backend (format "bpe": a `tokenizers` Tokenizer, "spm": a
+  SentencePieceProcessor); eos_id/bos_id are None when the tokenizer has none."""
 
-  def __init__(self, backend, kind: str, path: str, eos_id: int | None, bos_id: int | None):
-    self.backend, self.kind, self.path = backend, kind, path
+  def __init__(self, backend, format: str, path: str, eos_id: int | None, bos_id: int | None):
+    self.backend, self.format, self.path = backend, format, path
     self.eos_id, self.bos_id = eos_id, bos_id
-    if kind == "bpe":
+    if format == "bpe":
       self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
     else:
       self.vocab_size = int(backend.get_piece_size())
 
   def encode(self, text: str) -> list[int]:
     """Returns the token ids of `text` (no bos/eos added)."""
-    if self.kind == "bpe":
+    if self.format == "bpe":
       return list(self.backend.encode(text, add_special_tokens=False).ids)
     return list(self.backend.encode(text))
+
+  def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+    """Returns the ids of each text: `tokenizers` encodes the batch on its own thread pool,
+    SentencePiece on `num_threads` threads."""
+    if self.format == "bpe":
+      return [list(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [list(ids) for ids in self.backend.encode(list(texts), num_threads=max(1, int(num_threads)))]
 
   def decode(self, ids: Iterable[int]) -> str:
     """Returns the text of `ids` (special tokens dropped)."""
     ids = [int(i) for i in ids]
-    if self.kind == "bpe":
+    if self.format == "bpe":
       return self.backend.decode(ids, skip_special_tokens=True)
     return self.backend.decode(ids)
 
+  def encoder_spec(self) -> tuple[str, bytes]:
+    """(format, file bytes): "bpe" and the tokenizer.json, or "spm" and the SentencePiece model; what a
+    worker process needs to encode as this tokenizer does (shards.py)."""
+    with open(self.path, "rb") as f:
+      return self.format, f.read()
+
   def token_to_id(self, piece: str) -> int | None:
     """Returns the id of one whole token, or None when the vocabulary has no such token."""
-    if self.kind == "bpe":
+    if self.format == "bpe":
       return self.backend.token_to_id(piece)
     i = int(self.backend.piece_to_id(piece))
     return i if self.backend.id_to_piece(i) == piece else None
@@ -102,7 +117,6 @@ def load_hf_tokenizer(model_dir: str) -> HfTokenizer:
 # --- the chat adapter of an imported model -----------------------------------------------------------
 
 # Files of a Hugging Face tokenizer that an import (and a workdir started from one) carries along.
-TOKENIZER_DIR = HF_TOKENIZER_DIR
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Named in sha256(): a change of the template below must change every adapter's identity.
 CHAT_TEMPLATE = "gpt_jax text role markers v1"
@@ -110,7 +124,7 @@ ROLE_MARKER = "<|{role}|>\n"
 
 
 class ChatTokenizer:
-  """An imported model's own tokenizer behind the interface of the project's Tokenizer (gpt_jax/data/tokenizer.py).
+  """An imported model's own tokenizer behind the common interface (tokenizers/base.py Tokenizer).
 
   The model keeps its vocabulary: nothing is added to it, so no embedding row is resized or left
   untrained. The chat template therefore uses only what every tokenizer has:
@@ -126,12 +140,14 @@ class ChatTokenizer:
   * pad is the tokenizer's pad token, else eos (padding is always masked by lengths, never by id).
 
   render_chat's mask is 1 on each assistant content token and its closing eos, as for the project's
-  Tokenizer. special_id answers bos, eos, pad and end_of_turn; a role has no single-token id (the
+  SentencePieceTokenizer. special_id answers bos, eos, pad and end_of_turn; a role has no single-token id (the
   stages need none) and marker_ids(role) returns its tokens. Content is encoded with special tokens
   read as plain text (a message containing "<|endoftext|>" cannot end a turn), but a message that
   contains a marker's text, e.g. "<|user|>\\n", reads like a turn boundary: the price of text markers.
   sha256 hashes the tokenizer files and the template name.
   """
+
+  kind = "hf"
 
   def __init__(self, hf: HfTokenizer, files: dict[str, bytes], pad_id: int | None = None):
     if hf.eos_id is None:
@@ -139,7 +155,7 @@ class ChatTokenizer:
         f"tokenizer {hf.path}: no eos token (tokenizer_config.json eos_token); the chat template ends "
         "each turn with it"
       )
-    if hf.kind == "bpe" and hasattr(hf.backend, "encode_special_tokens"):
+    if hf.format == "bpe" and hasattr(hf.backend, "encode_special_tokens"):
       hf.backend.encode_special_tokens = True  # content never forges a special token
     self.hf, self.path = hf, os.path.dirname(hf.path)
     self.vocab_size = hf.vocab_size
@@ -159,13 +175,16 @@ class ChatTokenizer:
     return self.hf.encode(text)
 
   def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-    """Returns the ids of each text (num_threads is accepted for the Tokenizer interface)."""
-    del num_threads
-    return [self.hf.encode(t) for t in texts]
+    """Returns the ids of each text (see HfTokenizer.encode_batch)."""
+    return self.hf.encode_batch(texts, num_threads)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Returns the text of `ids`; special tokens decode to nothing."""
     return self.hf.decode(ids)
+
+  def encoder_spec(self) -> tuple[str, bytes]:
+    """What a worker process needs to encode as encode() does (see HfTokenizer.encoder_spec)."""
+    return self.hf.encoder_spec()
 
   def special_id(self, name: str) -> int:
     """Returns the id of bos, eos, pad or end_of_turn (= eos). DataError for a role: its marker is text."""
@@ -187,18 +206,15 @@ class ChatTokenizer:
   def render_chat(
     self, messages: Sequence[dict], add_generation_prompt: bool = False
   ) -> tuple[list[int], list[int]]:
-    """Renders [{role, content}, ...] with the template above; returns (ids, mask) as Tokenizer.render_chat."""
-    ids, mask = [self.bos_id], [0]
-    for i, m in enumerate(messages):
-      role, content = check_message(i, m)
-      marker, body = self._markers[role], self.hf.encode(content)
-      learn = 1 if role == "assistant" else 0
-      ids += [*marker, *body, self.eos_id]
-      mask += [0] * len(marker) + [learn] * (len(body) + 1)
-    if add_generation_prompt:
-      ids += self._markers["assistant"]
-      mask += [0] * len(self._markers["assistant"])
-    return ids, mask
+    """Renders [{role, content}, ...] with the template above; returns (ids, mask) as render_turns does."""
+    return render_turns(
+      messages,
+      self.hf.encode,
+      bos_id=self.bos_id,
+      role_ids=self._markers,
+      end_id=self.eos_id,
+      add_generation_prompt=add_generation_prompt,
+    )
 
   def sha256(self) -> str:
     """Returns the sha256 hex digest of the tokenizer files and the chat template's name."""
@@ -214,6 +230,31 @@ def tokenizer_files(tok_dir: str) -> dict[str, bytes]:
       with open(path, "rb") as f:
         out[name] = f.read()
   return out
+
+
+def tokenizer_dir(path: str, what: str) -> str:
+  """The directory of Hugging Face tokenizer files that `path` names: the directory itself, or the
+  directory of a tokenizer.json / tokenizer.model in it. DataError naming `what` otherwise."""
+  p = os.path.abspath(os.path.expanduser(str(path)))
+  if os.path.isfile(p) and os.path.basename(p) in ("tokenizer.json", "tokenizer.model"):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p):
+    raise DataError(f"{what}: {p} does not exist (expected a Hugging Face tokenizer directory)")
+  if not any(os.path.isfile(os.path.join(p, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    raise DataError(f"{what}: {p} holds neither tokenizer.json nor tokenizer.model")
+  return p
+
+
+def install_files(src_dir: str, dest_dir: str) -> None:
+  """Copies the TOKENIZER_FILES of src_dir into dest_dir, which must not exist yet: written into a
+  temporary directory renamed at the end, so that its presence marks a finished copy."""
+  tmp = f"{dest_dir}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  for name, data in tokenizer_files(src_dir).items():
+    with open(os.path.join(tmp, name), "wb") as f:
+      f.write(data)
+  os.replace(tmp, dest_dir)
 
 
 def load_chat_tokenizer(tok_dir: str) -> ChatTokenizer:
