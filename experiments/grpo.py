@@ -33,7 +33,7 @@ _PRESETS = {
   # dev gold by -3..+1 points, lr 1e-3 collapsed it, 64 x 4 at 2e-4 gained the most.
   "tiny": {
     "model": "tiny",
-    "grpo.iterations": 80,
+    "grpo.iterations": 40,
     "grpo.prompts_per_iteration": 64,
     "grpo.samples_per_prompt": 4,
     "grpo.oversample": 3,
