@@ -357,6 +357,10 @@ def _results(workdir: str) -> list[str]:
     ("rm", "eval/accuracy", "held-out pairwise accuracy"),
     ("rm", "eval/margin", "mean reward margin"),
   ]
+  sft_cfg = _read_json(os.path.join(workdir, "sft", "config.json")) or {}
+  n_sft = (sft_cfg.get("sft") or {}).get("eval_samples")
+  if n_sft is not None:  # SFT's own check during training; the methods table below uses more prompts
+    checks[3] = ("sft", "eval/accuracy", f"held-out exact-match accuracy ({n_sft} prompts, last eval)")
   for stage, key, label in checks:
     v = _last(os.path.join(workdir, stage), key)
     if v is not None:

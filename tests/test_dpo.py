@@ -46,6 +46,7 @@ def dpo_cfg(init_from, **over):
     "dpo.max_new_tokens": 4,
     "dpo.sample_batch": 8,
     "dpo.ref_batch": 8,
+    "dpo.sft_coef": 0.0,  # plain DPO: the loss at step 1 is log 2 (the sft term: its own test)
   }
   overrides.update(over)
   return config_lib.load(os.path.join(ROOT, "experiments/dpo.py:tiny"), overrides)
@@ -69,6 +70,32 @@ def test_response_logprob_sums_the_response_tokens_only(rl_runs):
     assert body == [*tok.encode(resp), tok.special_id("end_of_turn")] and end - start == len(body)
     lp = losses.token_logprobs(logits[r : r + 1, start - 1 : end - 1], batch["inputs"][r : r + 1, start:end])
     np.testing.assert_allclose(got[r], float(lp.sum()), rtol=1e-5)
+
+
+def test_sft_coef_adds_the_chosen_mean_token_loss(rl_runs):
+  sft_dir, _, _ = rl_runs
+  tok = load_tokenizer(sft_dir)
+  comps = [
+    comp_data.Comparison([{"role": "user", "content": "Add 2 and 3."}], "5", "6 and more", 0),
+    comp_data.Comparison([{"role": "user", "content": "Sort: 3 1"}], "1 3", "3 1", 0),
+  ]
+  enc = comp_data.encode(comps, tok, 48, "t")
+  batch = comp_data.pairs_to_batch(enc, [0, 1], 2, 48)
+  batch["ref_logp"] = np.zeros((4, 1), np.float32)
+  cfg = dpo_cfg("x")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  m = placed.Model.build(model_lib.ModelConfig.from_config(config_lib.to_dict(cfg.model)), mesh)
+  params = m.init_params(0)
+  plain, _, aux0 = dpo.dpo_loss(m, cfg.dpo)(params, batch, None)
+  with cfg.unlocked():
+    cfg.dpo.sft_coef = 0.7
+  mixed, _, aux = dpo.dpo_loss(m, cfg.dpo)(params, batch, None)
+  logp = np.asarray(dpo.response_logprobs(m, params, batch))
+  n_tokens = np.asarray(batch["end_index"] - batch["response_start"])[:, 0]
+  by_hand = sum(-logp[r] / n_tokens[r] for r in (0, 2))  # rows 0 and 2: the chosen sides
+  assert float(aux["chosen_nll_sum"]) == pytest.approx(by_hand, rel=1e-5)
+  assert float(mixed) == pytest.approx(float(plain) + 0.7 * by_hand, rel=1e-5)
+  assert float(aux0["chosen_nll_sum"]) == pytest.approx(by_hand, rel=1e-5)
 
 
 def train_losses(workdir):
@@ -127,3 +154,32 @@ def test_bad_input_fails_before_anything_is_built(rl_runs, tmp_path):
   with pytest.raises(DataError, match=r"pairs.jsonl:1: missing field 'prompt'"):
     dpo.run(dpo_cfg(sft_dir, **{"dpo.data_path": str(no_prompt), "dpo.eval_path": str(no_prompt)}), str(work))
   assert not os.path.exists(work / "checkpoints")
+
+
+def test_gold_path_prompts_replace_the_held_out_tasks(rl_runs, tmp_path):
+  from gpt_jax import grading, runs
+  from gpt_jax.data import jsonl
+  from gpt_jax.data import tasks as tasks_lib
+
+  sft_dir, _, _ = rl_runs
+  src, tok = runs.open(sft_dir), load_tokenizer(sft_dir)
+  cfg = dpo_cfg(sft_dir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  m = placed.Model.build(model_lib.ModelConfig.from_config(config_lib.to_dict(cfg.model)), mesh)
+  params = m.init_params(0)
+  sft_tasks = src.config["tasks"]
+  held = tasks_lib.make_tasks("eval", 8, int(sft_tasks["seed"]), tasks_lib.spec_from_config(sft_tasks))
+  answerer = grading.Answerer(m, tok, grading.from_tasks(held, tok), max_new_tokens=4, batch=8)
+  replies = [text for _, text in answerer.answers(params)]
+  # Gold answers: the model's own greedy reply for the first half, one it cannot give (60 characters
+  # from 4 tokens) for the rest: the file's prompts are graded exactly half right.
+  path = tmp_path / "gold.jsonl"
+  rows = [
+    {"messages": t.messages, "answer": r if i < 4 else "x" * 60}
+    for i, (t, r) in enumerate(zip(held, replies))
+  ]
+  jsonl.write_jsonl(str(path), rows)
+  got = dpo.gold_eval(dpo_cfg(sft_dir, **{"dpo.gold_path": str(path)}), m, tok, src)(params, 0)
+  assert got["gold_accuracy"] == 0.5
+  with pytest.raises(DataError, match=r"dpo.gold_path: file .*nothing.jsonl does not exist"):
+    dpo.run(dpo_cfg(sft_dir, **{"dpo.gold_path": str(tmp_path / "nothing.jsonl")}), str(tmp_path / "w"))

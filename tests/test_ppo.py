@@ -107,7 +107,8 @@ def test_one_update_follows_the_advantages():
   mask = np.ones((B, N), np.float32)
   mask[:, -1] = 0.0
   rows = rl.rollout_layout(prompt, np.full(B, P), response, mask, eos_id=2)
-  p = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny")).ppo
+  # The clipped objective alone: no PPO-ptx rows in this batch.
+  p = config_lib.load(os.path.join(ROOT, "experiments/ppo.py:tiny"), {"ppo.ptx_coef": 0.0}).ppo
   loss_fn = objective.make_loss_fn(policy, None, P=P, N=N, p=p)
 
   @jax.jit

@@ -8,7 +8,7 @@ or the embedded task comparisons written into DIR/data/ (the reward model's, wit
 section). The frozen reference is the SFT model (or dpo.reference, a run of the same shape and
 tokenizer); its summed log-prob of each response is computed once, before training, and rides in the
 batches. The loss is dpo.loss ("sigmoid": DPO, with optional label smoothing; "ipo": IPO) at
-dpo.beta. Each evaluation reports, on held-out pairs, the implicit-reward accuracy (the share of pairs
+dpo.beta, plus dpo.sft_coef times the chosen responses' mean next-token loss (RPO). Each evaluation reports, on held-out pairs, the implicit-reward accuracy (the share of pairs
 whose chosen response gets the higher beta * (log pi - log pi_ref)) and margin, and the greedy gold
 accuracy on dpo.eval_prompts held-out task prompts (the SFT run's, as every RL stage's).
 
@@ -18,6 +18,7 @@ Legend: B rows (2 per pair), T time, V vocabulary.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from gpt_jax import workdir as workdir_lib
 from gpt_jax.config import Key
 from gpt_jax.data import comparisons as comp_data
 from gpt_jax.data import tasks as tasks_lib
-from gpt_jax.errors import ConfigError
+from gpt_jax.errors import ConfigError, DataError
 from gpt_jax.model import ModelConfig
 
 SCHEMA = config_lib.stage_schema(
@@ -51,8 +52,12 @@ SCHEMA = config_lib.stage_schema(
     "beta": Key(0.1, "> 0"),
     "loss": Key("sigmoid", choices=("sigmoid", "ipo")),
     "label_smoothing": Key(0.0, "[0, 0.5)"),  # sigmoid only: the share of labels taken as flipped (cDPO)
+    "sft_coef": Key(0.0, ">= 0"),  # weight of the chosen responses' mean next-token loss (RPO); 0 = plain DPO
     "ref_batch": Key(64, ">= 1", resumable=True),  # pairs per reference-scoring call
     "eval_prompts": Key(512, ">= 0", resumable=True),  # held-out task prompts answered greedily per eval
+    # JSONL prompts with answers (the PPO / GRPO eval_path format) for the gold accuracy; '' = the SFT
+    # run's held-out tasks. A dev-split file here lets settings be chosen without the test prompts.
+    "gold_path": Key("", resumable=True),
     "max_new_tokens": Key(16, ">= 1", resumable=True),
     "sample_batch": Key(128, ">= 1", resumable=True),  # prompts per sampler call
   },
@@ -83,6 +88,8 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(f"dpo.label_smoothing: applies to dpo.loss 'sigmoid', not {d.loss!r}")
   config_lib.check_room_for_prompt(d, "dpo", "max_new_tokens", model_cfg.max_seq_len)
   tasks_lib.check_data_section(d, "dpo")
+  if d.gold_path and not os.path.isfile(d.gold_path):
+    raise DataError(f"dpo.gold_path: file {d.gold_path} does not exist")
   tasks_lib.spec_from_config(cfg.tasks)
   return model_cfg
 
@@ -109,7 +116,7 @@ def dpo_loss(model: placed.Model, d):
     pi_N2 = response_logprobs(model, params, batch).reshape(-1, 2)
     ref_N2 = batch["ref_logp"].reshape(-1, 2)
     mask_N = batch["pair_mask"].reshape(-1, 2)[:, 0]
-    return losses.dpo_loss(
+    loss_sum, pairs, aux = losses.dpo_loss(
       pi_N2[:, 0],
       pi_N2[:, 1],
       ref_N2[:, 0],
@@ -119,6 +126,11 @@ def dpo_loss(model: placed.Model, d):
       kind=str(d.loss),
       label_smoothing=float(d.label_smoothing),
     )
+    # The chosen response's mean next-token loss (RPO, Pang et al. 2024): DPO alone may lower the
+    # chosen log-prob too, as long as the rejected one falls faster; sft_coef > 0 holds the chosen up.
+    n_tokens_N = (batch["end_index"] - batch["response_start"]).reshape(-1, 2)[:, 0].astype(jnp.float32)
+    nll_sum = jnp.sum(-pi_N2[:, 0] / jnp.maximum(n_tokens_N, 1.0) * mask_N)
+    return loss_sum + float(d.sft_coef) * nll_sum, pairs, {**aux, "chosen_nll_sum": nll_sum}
 
   return loss_fn
 
@@ -158,6 +170,7 @@ def eval_summary(sums: dict) -> dict:
     "margin": float(sums["margin_sum"]) / pairs,
     "chosen_reward": float(sums["chosen_reward_sum"]) / pairs,
     "rejected_reward": float(sums["rejected_reward_sum"]) / pairs,
+    "chosen_nll": float(sums["chosen_nll_sum"]) / pairs,
     "pairs": float(sums["weight"]),
   }
 
@@ -180,18 +193,28 @@ def open_runs(cfg) -> tuple[runs.Run, runs.Run]:
 
 
 def gold_eval(cfg, model, tokenizer, src: runs.Run):
-  """extra_eval(params, step) -> the greedy gold accuracy on dpo.eval_prompts held-out task prompts of
-  the SFT run's task space and seed (the prompts every RL stage reports on), or None."""
+  """extra_eval(params, step) -> the greedy gold accuracy on the first dpo.eval_prompts prompts of
+  dpo.gold_path, else of the SFT run's held-out tasks (its task space and seed: the prompts every RL
+  stage reports on); None when eval_prompts is 0."""
   d = cfg.dpo
-  if not int(d.eval_prompts):
+  n = int(d.eval_prompts)
+  if not n:
     return None
-  sft_tasks = src.config.get("tasks") or config_lib.to_dict(cfg.tasks)
-  spec = tasks_lib.spec_from_config(sft_tasks)
-  held = tasks_lib.make_tasks("eval", int(d.eval_prompts), int(sft_tasks.get("seed", 0)), spec)
+  if d.gold_path:
+    prompts = grading.read_prompts(d.gold_path, tokenizer)[:n]
+    if not prompts or any(q.answer is None for q in prompts):
+      raise DataError(
+        f"dpo.gold_path: {d.gold_path} needs prompts with an answer each (the grader compares them)"
+      )
+  else:
+    sft_tasks = src.config.get("tasks") or config_lib.to_dict(cfg.tasks)
+    spec = tasks_lib.spec_from_config(sft_tasks)
+    held = tasks_lib.make_tasks("eval", n, int(sft_tasks.get("seed", 0)), spec)
+    prompts = grading.from_tasks(held, tokenizer)
   answerer = grading.Answerer(
     model,
     tokenizer,
-    grading.from_tasks(held, tokenizer),
+    prompts,
     max_new_tokens=int(d.max_new_tokens),
     batch=int(d.sample_batch),
   )
