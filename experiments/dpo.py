@@ -19,11 +19,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _PRESETS = {
   "tiny": {
     "model": "tiny",
-    "train.steps": 100,
+    "train.steps": 60,
     "train.global_batch": 64,
     "train.seq_len": 48,
-    "train.eval_every": 50,
-    "train.checkpoint_every": 50,
+    "train.eval_every": 30,
+    "train.checkpoint_every": 30,
     "train.eval_batches": 16,
     "optim.lr_peak": 1e-4,
     "optim.warmup_steps": 10,

@@ -30,16 +30,17 @@ _COMMON = {
 _PRESETS = {
   # CPU demo: 64 of 192 sampled prompts (dynamic sampling), 4 answers each, one update per iteration.
   # Chosen on the dev split (data/tasks.py) from the demo's SFT model: 16 prompts x 8 answers moved
-  # dev gold by -3..+1 points, lr 1e-3 collapsed it, 64 x 4 at 2e-4 gained the most.
+  # dev gold by -3..+1 points, lr 1e-3 collapsed it, 64 x 4 at 2e-4 gained the most. 16 iterations
+  # (~5 s each on 2 CPU cores) keep the demo within its time budget; longer runs: docs/results.md.
   "tiny": {
     "model": "tiny",
-    "grpo.iterations": 40,
+    "grpo.iterations": 16,
     "grpo.prompts_per_iteration": 64,
     "grpo.samples_per_prompt": 4,
     "grpo.oversample": 3,
     "grpo.minibatch": 256,
     "grpo.kl_coef": 0.05,
-    "grpo.eval_every": 20,
+    "grpo.eval_every": 8,
     "optim.lr_peak": 2e-4,
     "optim.warmup_steps": 0,
   },
