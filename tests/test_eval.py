@@ -247,13 +247,14 @@ def test_gen_files_and_graders(tmp_path):
     "user",
   ]
   assert q1.answer == "1,000" and q1.messages == [{"role": "user", "content": "hi"}]
-  assert generate.final_number("so 3 + 4 = 7. #### 1,234.50") == "1234.5"
-  assert generate.final_number("We get 12 apples, then 18.") == "18"
-  assert generate.final_number("no digits") is None
+  assert eval_tasks.final_number("so 3 + 4 = 7. #### 1,234.50") == "1234.5"
+  assert eval_tasks.final_number("We get 12 apples, then 18.") == "18"
+  assert eval_tasks.final_number("no digits") is None
   assert (
-    generate.grade("number", "#### 4", "2 + 2 is 4.") == 1.0 and generate.grade("number", "4", "40") == 0.0
+    eval_tasks.grade("number", "#### 4", "2 + 2 is 4.") == 1.0
+    and eval_tasks.grade("number", "4", "40") == 0.0
   )
-  assert generate.grade("exact", "CAT", " CAT\n") == 1.0 and generate.grade("exact", "CAT", "CAT!") == 0.0
+  assert eval_tasks.grade("exact", "CAT", " CAT\n") == 1.0 and eval_tasks.grade("exact", "CAT", "CAT!") == 0.0
   assert generate.cut("42\n\nQuestion: next", ("\n\n", "Question:")) == "42"
   assert generate.pass_at_k(4, 1, 1) == pytest.approx(0.25) and generate.pass_at_k(4, 1, 4) == 1.0
   assert generate.pass_at_k(4, 0, 4) == 0.0

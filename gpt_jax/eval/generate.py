@@ -11,45 +11,14 @@ ignored). Greedy answers give the accuracy; n sampled answers per prompt give pa
 
 from __future__ import annotations
 
-import decimal
-import re
-
 import jax
 import numpy as np
 
 from gpt_jax import grading, sampling
-from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.eval import loglik
 from gpt_jax.eval import tasks as eval_tasks
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 PROMPT_MULTIPLE = 16  # prompt lengths are rounded up to this: fewer distinct sampler shapes
-
-
-def final_number(text: str) -> str | None:
-  """The number a GSM8K-style answer ends with, normalised ("1,234.50" -> "1234.5"), or None."""
-  text = str(text)
-  if "####" in text:
-    text = text.rsplit("####", 1)[1]
-    found = _NUMBER.findall(text)
-    found = found[:1]
-  else:
-    found = _NUMBER.findall(text)[-1:]
-  if not found:
-    return None
-  try:
-    d = decimal.Decimal(found[0].replace(",", "").rstrip("."))
-  except decimal.InvalidOperation:
-    return None
-  d = d.normalize()
-  return format(d, "f") if d != 0 else "0"
-
-
-def grade(grader: str, answer: str, reply: str) -> float:
-  if grader == "number":
-    got = final_number(reply)
-    return 1.0 if got is not None and got == final_number(answer) else 0.0
-  return tasks_lib.grade_text(answer, reply)
 
 
 def cut(text: str, until) -> str:
@@ -141,7 +110,7 @@ class Generator:
     greedy, truncated = self.replies(params, task, chat, max_new_tokens=N)
     scores: dict[str, list[float]] = {}
     for q, (reply,) in zip(task.items, greedy):
-      scores.setdefault(q.kind, []).append(grade(task.grader, q.answer, reply))
+      scores.setdefault(q.kind, []).append(eval_tasks.grade(task.grader, q.answer, reply))
     every = [x for v in scores.values() for x in v]
     out = {"accuracy": float(np.mean(every)), "n": len(every), "truncated": int(truncated)}
     if len(scores) > 1:
@@ -150,7 +119,9 @@ class Generator:
       sampled, _ = self.replies(
         params, task, chat, max_new_tokens=N, temperature=float(temperature), copies=int(samples), seed=seed
       )
-      correct = [sum(grade(task.grader, q.answer, r) for r in rs) for q, rs in zip(task.items, sampled)]
+      correct = [
+        sum(eval_tasks.grade(task.grader, q.answer, r) for r in rs) for q, rs in zip(task.items, sampled)
+      ]
       n = int(samples)
       out["pass@1"] = float(np.mean([pass_at_k(n, int(c), 1) for c in correct]))
       out[f"pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct]))

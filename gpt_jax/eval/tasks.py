@@ -37,6 +37,7 @@ file:line and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import glob
 import os
 import re
@@ -326,10 +327,8 @@ def load_gen(spec: Spec) -> Task:
     items.append(Question(msgs, text, str(answer), "gen", until, where))
   grader = spec.option("grader", "exact")
   if grader == "number":
-    from gpt_jax.eval import generate
-
     for q in items:
-      if generate.final_number(q.answer) is None:
+      if final_number(q.answer) is None:
         raise DataError(f"{q.where}: grader=number but the answer {q.answer!r} holds no number"[:200])
   return Task(spec, "gen", items, grader=grader, max_new_tokens=spec.option("max_new_tokens"))
 
@@ -413,3 +412,34 @@ def task_space(config: dict) -> tuple[tasks_lib.TaskSpec, int]:
   section = {k: v.default for k, v in tasks_lib.SCHEMA.items()}
   section.update((config or {}).get("tasks") or {})
   return tasks_lib.spec_from_config(section), int(section["seed"])
+
+
+# --- grading a generated reply ---------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def final_number(text: str) -> str | None:
+  """The number a GSM8K-style answer ends with, normalised ("1,234.50" -> "1234.5"), or None."""
+  text = str(text)
+  if "####" in text:
+    text = text.rsplit("####", 1)[1]
+    found = _NUMBER.findall(text)
+    found = found[:1]
+  else:
+    found = _NUMBER.findall(text)[-1:]
+  if not found:
+    return None
+  try:
+    d = decimal.Decimal(found[0].replace(",", "").rstrip("."))
+  except decimal.InvalidOperation:
+    return None
+  d = d.normalize()
+  return format(d, "f") if d != 0 else "0"
+
+
+def grade(grader: str, answer: str, reply: str) -> float:
+  if grader == "number":
+    got = final_number(reply)
+    return 1.0 if got is not None and got == final_number(answer) else 0.0
+  return tasks_lib.grade_text(answer, reply)
