@@ -295,6 +295,25 @@ def test_eval_command_writes_results_and_a_table(gpt2, tmp_path, capsys):
   assert "bits_per_byte" in printed and "mean centered acc_token" in printed
 
 
+def test_a_bare_bpb_name_is_the_runs_source_before_a_folder_of_that_name(tmp_path, monkeypatch):
+  from gpt_jax import config as config_lib
+  from gpt_jax.data import config as data_config
+  from gpt_jax.data import sources
+
+  data_cfg = config_lib.to_dict(data_config.default_data_config())
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "notes.md").write_text("# not the source\n")
+  monkeypatch.chdir(tmp_path)
+  (src,) = [s for s in sources.parse_sources(data_cfg["sources"], "error") if s.name == "docs"]
+  held_out = [
+    d for d in sources.iter_documents(src) if sources.doc_hash_fraction(d) < data_cfg["eval_fraction"]
+  ]
+  (task,) = eval_tasks.load(eval_tasks.parse("bpb:docs"), space=None, seed=0, data_cfg=data_cfg)
+  assert task.items == held_out and len(held_out) > 0
+  (folder,) = eval_tasks.load(eval_tasks.parse("bpb:./docs"), space=None, seed=0, data_cfg=data_cfg)
+  assert folder.items == ["# not the source\n"]
+
+
 def _one_line_error(argv, capsys, monkeypatch):
   from gpt_jax.__main__ import main
 

@@ -152,3 +152,25 @@ def test_chat_cli_on_a_missing_workdir_is_one_line(tmp_path, capsys):
   assert main(["chat", "--workdir", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "nothing does not exist" in err[0]
+
+
+def test_the_evaluation_is_redone_when_what_it_reads_changes(tiny_pipeline_dir, tmp_path, monkeypatch):
+  from gpt_jax.eval import run as eval_run
+
+  d = str(tmp_path / "eval")
+  os.makedirs(d)
+  for stage in ("pretrain", "sft"):
+    os.symlink(os.path.join(tiny_pipeline_dir, stage), os.path.join(d, stage))
+  text = tmp_path / "notes.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog\n")
+  first = eval_run.evaluate_pipeline(d, f"bpb:{text}", log_fn=lambda *a: None)
+  assert set(first["models"]) == {"pretrain", "sft"}
+
+  def no_build(*a, **k):
+    raise AssertionError("evaluated again")
+
+  monkeypatch.setattr(eval_run, "build", no_build)
+  assert eval_run.evaluate_pipeline(d, f"bpb:{text}", log_fn=lambda *a: None) == first  # nothing changed
+  text.write_text("another text, another figure\n")
+  with pytest.raises(AssertionError, match="evaluated again"):
+    eval_run.evaluate_pipeline(d, f"bpb:{text}", log_fn=lambda *a: None)

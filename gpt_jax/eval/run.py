@@ -17,6 +17,7 @@ Metrics:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -305,7 +306,8 @@ def evaluate_pipeline(
   tasks and writes <workdir>/eval.json: {"tasks", "models": {stage: {"step", "checkpoint", "chat",
   "results", "core", "seconds"}}}. The embedded prompts are the SFT run's held-out ones for every
   model, and bpb sources are the pretraining run's. A model whose checkpoint and tasks are those of
-  the existing eval.json is not evaluated again."""
+  the existing eval.json (the same spec, and the same loaded items by their digest) is not evaluated
+  again."""
   if not str(tasks).strip():
     return None
   specs = tasks_lib.parse(tasks)
@@ -322,13 +324,15 @@ def evaluate_pipeline(
   loaded = tasks_lib.load(
     specs, space=space, seed=task_seed, data_cfg=(data_run.config.get("data") if data_run else None)
   )
+  # What was loaded, not only the spec string: edited task files or documents are evaluated again.
+  digest = hashlib.sha256(repr([(t.spec, t.kind, t.items) for t in loaded]).encode()).hexdigest()
   path = os.path.join(workdir, EVAL_FILE)
   old = {}
   if os.path.isfile(path):
     try:
       with open(path) as f:
         prev = json.load(f)
-      if prev.get("tasks") == str(tasks):
+      if prev.get("tasks") == str(tasks) and prev.get("tasks_sha256") == digest:
         old = prev.get("models") or {}
     except (OSError, ValueError):
       old = {}
@@ -355,6 +359,6 @@ def evaluate_pipeline(
       "seconds": round(time.time() - t0, 1),
     }
     log_fn(f"[eval] {stage}: {time.time() - t0:.1f}s")
-  record = {"tasks": str(tasks), "models": models}
+  record = {"tasks": str(tasks), "tasks_sha256": digest, "models": models}
   runs.write_json(path, record)
   return record

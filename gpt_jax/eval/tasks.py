@@ -12,7 +12,8 @@
                               grader (exact | number: the final number, GSM8K style).
   bpb:FILE|SOURCE             bits per byte and loss over documents: a text file, glob or directory (format
                               from the extension: .jsonl, .parquet, else text), or the name of a source of
-                              the run's data config (its held-out documents). Options: limit (documents),
+                              the run's data config (its held-out documents; a bare name is the source
+                              before a file of that name, ./NAME the file). Options: limit (documents),
                               field (the JSONL key / Parquet column, default text), split (eval | train |
                               all; a SOURCE's default eval, a file's all).
 
@@ -159,7 +160,8 @@ def _default_name(kind: str, arg: str) -> str:
 
 
 def _is_path(arg: str) -> bool:
-  return os.path.exists(os.path.expanduser(arg)) or glob.has_magic(arg) or os.sep in arg or "." in arg
+  """Whether `arg` is written as a path (a separator, an extension, a glob, ~): never a source name."""
+  return glob.has_magic(arg) or os.sep in arg or "." in arg or arg.startswith("~")
 
 
 # --- loaded tasks -----------------------------------------------------------------------------------
@@ -353,12 +355,14 @@ def load_embedded(spec: Spec, space: tasks_lib.TaskSpec, seed: int) -> Task:
 def _bpb_source(spec: Spec, data_cfg: dict | None):
   """(Source, split) of a bpb item: a file / glob / directory, or a source of the run's data config."""
   arg, field = spec.arg, spec.option("field", "text")
-  if _is_path(arg):
+  sources_cfg = (data_cfg or {}).get("sources") or {}
+  # A bare word names the run's source before a file of that name in the working directory (the
+  # repository's docs/ folder must not stand in for the source 'docs'); ./NAME is the file.
+  if _is_path(arg) or (arg not in sources_cfg and os.path.exists(arg)):
     p = os.path.expanduser(arg)
     fmt = "jsonl" if p.endswith((".jsonl", ".json")) else "parquet" if p.endswith(".parquet") else "text"
     src = sources_lib.Source(name=spec.name, paths=(p,), format=fmt, weight=1.0, text_field=field)
     return src, spec.option("split", "all"), None
-  sources_cfg = (data_cfg or {}).get("sources") or {}
   if arg not in sources_cfg:
     known = ", ".join(sorted(sources_cfg)) or "none: the run has no data config"
     raise DataError(
