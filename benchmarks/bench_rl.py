@@ -47,12 +47,14 @@ def bench(stage: str, args, workdir: str) -> dict:
   B = (
     int(cfg.ppo.rollout_batch)
     if stage == "ppo"
-    else int(cfg.grpo.prompts_per_iteration) * int(cfg.grpo.samples_per_prompt)
-  )
+    else int(cfg.grpo.prompts_per_iteration) * int(cfg.grpo.samples_per_prompt) * int(cfg.grpo.oversample)
+  )  # the rollouts generated: GRPO samples oversample x G prompts and updates on G of them
   tokens = [B * r[f"{section}/response_length"] for r in rows]
   return {
     "stage": stage,
     "rollouts": B,
+    "response_tokens": statistics.median(r[f"{section}/response_length"] for r in rows),
+    "max_new_tokens": int(cfg[section].max_new_tokens),
     "gen_s": statistics.median(gen),
     "update_s": statistics.median(upd),
     "rollout_tokens_per_s": statistics.median(t / g for t, g in zip(tokens, gen)),
@@ -77,12 +79,14 @@ def main() -> None:
     f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; median over iterations 2..{args.iterations}"
   )
   print(
-    "| stage | rollouts/iteration | generate s | score + update s | rollout tokens/s | share generating |"
+    "| stage | rollouts/iteration | response tokens (mean / max) | generate s | score + update s"
+    " | rollout tokens/s | share generating |"
   )
-  print("|---|---:|---:|---:|---:|---:|")
+  print("|---|---:|---|---:|---:|---:|---:|")
   for r in rows:
     print(
-      f"| {r['stage']} | {r['rollouts']} | {r['gen_s']:.2f} | {r['update_s']:.2f} | "
+      f"| {r['stage']} | {r['rollouts']} | {r['response_tokens']:.1f} / {r['max_new_tokens']} | "
+      f"{r['gen_s']:.2f} | {r['update_s']:.2f} | "
       f"{r['rollout_tokens_per_s']:,.0f} | {r['gen_share']:.0%} |"
     )
 
