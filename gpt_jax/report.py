@@ -51,7 +51,8 @@ CURVES = {
     [
       ("ppo/reward", "reward (normalised)"),
       ("eval/gold_accuracy", "held-out gold accuracy"),
-      ("ppo/kl", "KL per response"),
+      ("ppo/kl", "KL per response (log-ratio)"),
+      ("ppo/kl_k3", "KL per response (k3)"),
     ],
   ),
   "grpo": (
@@ -130,24 +131,63 @@ def plot(workdir: str, out_dir: str) -> list[tuple[str, str]]:
     lines = [(label, _series(os.path.join(workdir, name), key)) for key, label in keys]
     if _plot_lines(os.path.join(out_dir, fname), title, lines):
       made.append((fname, title))
-  curves = overoptimization(workdir)
-  lines = []
-  for name, rows in curves.items():
-    lines += [(f"{name}: proxy reward (RM, normalised)", [(r["sqrt_kl"], r["proxy"]) for r in rows])]
-    lines += [(f"{name}: gold accuracy", [(r["sqrt_kl"], r["gold"]) for r in rows])]
   title = "Reward over-optimization: held-out proxy reward and gold accuracy against sqrt(KL)"
-  if _plot_lines(
-    os.path.join(out_dir, "overoptimization.png"), title, lines, xlabel="sqrt(KL to the reference, nats)"
-  ):
+  if _plot_overoptimization(os.path.join(out_dir, "overoptimization.png"), overoptimization(workdir)):
     made.append(("overoptimization.png", title))
   return made
+
+
+def _plot_overoptimization(path: str, curves: dict[str, list[dict]]) -> bool:
+  """Proxy reward (left axis) and gold accuracy (right axis) against sqrt(KL), each evaluation labelled
+  with its iteration and gold's peak marked: the two differ in scale, and KL is not monotone in the
+  iteration, so the labels give the order. False when there is nothing to draw."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if not curves:
+    return False
+  fig, ax = plt.subplots(figsize=(7, 4))
+  gold_ax = ax.twinx()
+  handles = []
+  for i, (name, rows) in enumerate(curves.items()):
+    xs = [r["sqrt_kl"] for r in rows]
+    handles += ax.plot(xs, [r["proxy"] for r in rows], "o-", color=f"C{2 * i}", label=f"{name}: proxy reward")
+    handles += gold_ax.plot(
+      xs, [r["gold"] for r in rows], "s--", color=f"C{2 * i + 1}", label=f"{name}: gold"
+    )
+    for r in rows:
+      gold_ax.annotate(
+        str(r["iteration"]), (r["sqrt_kl"], r["gold"]), fontsize=6, xytext=(2, 3), textcoords="offset points"
+      )
+    best = max(rows, key=lambda r: r["gold"])
+    gold_ax.plot([best["sqrt_kl"]], [best["gold"]], "*", color=f"C{2 * i + 1}", markersize=12)
+    ax.axvline(best["sqrt_kl"], color=f"C{2 * i + 1}", alpha=0.4, linewidth=1)
+  ax.set_title(
+    "Proxy reward and gold accuracy against sqrt(KL)\n(labels: iteration; star: gold's peak)", fontsize=10
+  )
+  ax.set_xlabel("sqrt(KL to the reference, nats; rollouts since the previous evaluation)")
+  ax.set_ylabel("reward model's normalised score")
+  gold_ax.set_ylabel("held-out gold accuracy")
+  ax.grid(alpha=0.3)
+  lo = min(r["gold"] for rows in curves.values() for r in rows)
+  hi = max(r["gold"] for rows in curves.values() for r in rows)
+  pad = max(0.1 - (hi - lo), 0.0) / 2 + 0.01  # at least 10 points of gold in view: noise looks like noise
+  gold_ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 1.0))
+  fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=2 * len(curves), frameon=False)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
 
 
 def overoptimization(workdir: str) -> dict[str, list[dict]]:
   """{entry: [{"iteration", "kl", "sqrt_kl", "proxy", "gold"}]} for every RL run trained on the learned
   reward model (PPO or GRPO with rm_weight > 0): at each held-out evaluation, the reward model's normalised
-  score of the greedy answers (the proxy), their gold accuracy, and the KL to the reference of that
-  iteration's rollouts (0 at iteration 0, the SFT model)."""
+  score of the greedy answers (the proxy), their gold accuracy, and the KL to the reference (its k3
+  estimate where logged) averaged over the rollouts since the previous evaluation (0 at iteration 0,
+  the SFT model)."""
   cfg = _read_json(os.path.join(workdir, "pipeline_config.json")) or {}
   out = {}
   for name, stage in entries(workdir).items():
@@ -161,18 +201,26 @@ def overoptimization(workdir: str) -> dict[str, list[dict]]:
     if not on_rm:
       continue
     d = os.path.join(workdir, name)
-    kl = dict(_series(d, f"{stage}/kl"))
+    kl = _series(d, _kl_key(d, stage))
     proxy, gold = dict(_series(d, "eval/reward")), dict(_series(d, "eval/gold_accuracy"))
-    rows = []
+    rows, prev = [], 0
     for it in sorted(set(proxy) & set(gold)):
-      k = 0.0 if it == 0 else kl.get(it)
-      if k is not None:
-        rows.append(
-          {"iteration": it, "kl": k, "sqrt_kl": math.sqrt(max(k, 0.0)), "proxy": proxy[it], "gold": gold[it]}
-        )
+      # One iteration's 64-odd rollouts give a noisy KL: take the mean over the iterations since the
+      # previous evaluation (0 at iteration 0, the SFT model).
+      window = [v for i, v in kl if prev < i <= it]
+      prev = it
+      if it == 0 or window:
+        k = 0.0 if it == 0 else max(sum(window) / len(window), 0.0)
+        rows.append({"iteration": it, "kl": k, "sqrt_kl": math.sqrt(k), "proxy": proxy[it], "gold": gold[it]})
     if rows:
       out[name] = rows
   return out
+
+
+def _kl_key(d: str, stage: str) -> str:
+  """The metric of an RL run's KL to the reference that the report reads: the k3 estimate (PPO logs it
+  as kl_k3 beside the penalty's log-ratio; GRPO's kl is k3), else the one there is."""
+  return f"{stage}/kl_k3" if _series(d, f"{stage}/kl_k3") else f"{stage}/kl"
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -215,7 +263,7 @@ def methods_table(workdir: str) -> list[dict]:
     passes = sorted({k for r in _records(d) for k in r if k.startswith("eval/pass_at_")})
     if passes:
       row["pass"] = f"{passes[0][10:]}: {_first_last(d, passes[0])}"
-    kl = _last(d, f"{stage}/kl")
+    kl = _last(d, _kl_key(d, stage))
     if kl is not None:
       row["kl"] = kl
     if stage == "dpo":

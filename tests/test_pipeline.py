@@ -174,3 +174,24 @@ def test_the_evaluation_is_redone_when_what_it_reads_changes(tiny_pipeline_dir, 
   text.write_text("another text, another figure\n")
   with pytest.raises(AssertionError, match="evaluated again"):
     eval_run.evaluate_pipeline(d, f"bpb:{text}", log_fn=lambda *a: None)
+
+
+def test_the_overoptimization_curve_reads_the_k3_kl_since_the_previous_evaluation(tmp_path):
+  from gpt_jax import report
+
+  d = tmp_path / "run"
+  (d / "ppo").mkdir(parents=True)
+  (d / "pipeline_config.json").write_text(json.dumps({"stages": "ppo", "ppo": {"stage": "ppo", "ppo": {}}}))
+  records = [{"step": 0, "eval/reward": 0.0, "eval/gold_accuracy": 0.5}]
+  for step, k3 in zip(range(1, 5), (0.04, 0.06, 0.01, 0.03)):
+    records.append({"step": step, "ppo/kl": -0.2, "ppo/kl_k3": k3})  # the log-ratio's noise goes negative
+  records += [
+    {"step": 2, "eval/reward": 0.3, "eval/gold_accuracy": 0.6},
+    {"step": 4, "eval/reward": 0.5, "eval/gold_accuracy": 0.55},
+  ]
+  (d / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (rows,) = report.overoptimization(str(d)).values()
+  assert [r["iteration"] for r in rows] == [0, 2, 4] and [r["gold"] for r in rows] == [0.5, 0.6, 0.55]
+  assert [r["kl"] for r in rows] == pytest.approx([0.0, 0.05, 0.02])
+  assert rows[1]["sqrt_kl"] == pytest.approx(0.05**0.5)
+  assert report._plot_overoptimization(str(tmp_path / "o.png"), {"ppo": rows})

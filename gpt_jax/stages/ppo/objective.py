@@ -81,7 +81,10 @@ def make_experience_fn(policy, value, reference, reward, *, P, N, p, score_mean,
         "reward": jnp.mean((score_B - score_mean) / score_std),
         "reward_raw": jnp.mean(score_B),
         "reward_total": jnp.mean(rewards_BN.sum(axis=1)),
-        "kl": jnp.mean(kl_BN.sum(axis=1)),
+        "kl": jnp.mean(kl_BN.sum(axis=1)),  # the penalty's log-ratio estimate (the controller's)
+        # The k3 estimate of the same KL (never negative, lower variance; GRPO's `kl`): what the report
+        # and the over-optimization curve read.
+        "kl_k3": jnp.mean(losses.k3_kl(logp_BN, ref_logp_BN, mask_BN).sum(axis=1)),
         "entropy": jnp.sum(losses.entropy_from_logits(logits_BNV) * mask_BN) / n_tok,
         "response_length": jnp.mean(mask_BN.sum(axis=1)),
         "no_eos_fraction": 1.0 - jnp.mean(ended_B),
