@@ -195,3 +195,14 @@ def test_the_overoptimization_curve_reads_the_k3_kl_since_the_previous_evaluatio
   assert [r["kl"] for r in rows] == pytest.approx([0.0, 0.05, 0.02])
   assert rows[1]["sqrt_kl"] == pytest.approx(0.05**0.5)
   assert report._plot_overoptimization(str(tmp_path / "o.png"), {"ppo": rows})
+
+
+def test_a_stage_run_again_from_scratch_reports_its_own_time(tiny_pipeline_dir, tmp_path):
+  d = str(tmp_path / "again")
+  os.makedirs(d)
+  for stage in ("pretrain", "sft", "rm", "ppo", "grpo"):
+    os.symlink(os.path.join(tiny_pipeline_dir, stage), os.path.join(d, stage))
+  with open(os.path.join(d, "timings.json"), "w") as f:
+    json.dump({"dpo": 1e6}, f)  # an earlier dpo run whose folder was removed
+  timings = pipeline.run(tiny_pipeline_config(eval_tasks=""), d, log_fn=lambda *a: None, force=True)
+  assert os.path.exists(os.path.join(d, "dpo", "DONE")) and 0 < timings["dpo"] < 1e5

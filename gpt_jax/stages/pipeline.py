@@ -198,12 +198,14 @@ def run(cfg, workdir: str, log_fn=print, *, force: bool = False) -> dict:
       continue
     log_fn(f"[pipeline] {name}: running in {stage_dir}")
     module = stages_lib.module(stage)
+    # A resumed stage adds to the time of its interrupted run; one whose folder is gone starts over.
+    before = timings.get(name, 0.0) if os.path.isdir(stage_dir) else 0.0
     t0 = time.time()
     try:
       module.run(cfg[name], stage_dir, log_fn=log_fn)
     except GptJaxError as e:
       raise type(e)(f"pipeline stage {name!r} failed (earlier stages are intact in {workdir}): {e}") from e
-    timings[name] = timings.get(name, 0.0) + time.time() - t0
+    timings[name] = before + time.time() - t0
     _write_timings(workdir, timings)
     with open(os.path.join(stage_dir, DONE), "w") as f:
       f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
