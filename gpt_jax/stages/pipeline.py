@@ -20,6 +20,7 @@ import time
 import ml_collections
 
 from gpt_jax import config as config_lib
+from gpt_jax import files
 from gpt_jax import stages as stages_lib
 from gpt_jax.data import tasks as tasks_lib
 from gpt_jax.errors import ConfigError, GptJaxError
@@ -163,10 +164,9 @@ def check_workdir_config(cfg, workdir: str, *, force: bool = False, log_fn=print
 
 def _write_record(workdir: str, record: dict) -> None:
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, PIPELINE_CONFIG)
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  files.write_atomic(
+    os.path.join(workdir, PIPELINE_CONFIG), json.dumps(record, indent=2, sort_keys=True).encode()
+  )
 
 
 def run(cfg, workdir: str, log_fn=print, *, force: bool = False) -> dict:
@@ -228,5 +228,4 @@ def _read_timings(workdir: str) -> dict:
 
 
 def _write_timings(workdir: str, timings: dict) -> None:
-  with open(os.path.join(workdir, "timings.json"), "w") as f:
-    json.dump(timings, f, indent=2)
+  files.write_atomic(os.path.join(workdir, "timings.json"), json.dumps(timings, indent=2).encode())
