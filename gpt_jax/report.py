@@ -440,7 +440,8 @@ def _results(workdir: str) -> list[str]:
     parts.append(
       "## Post-training methods\n\nEvery method starts from the SFT model and is measured on the same "
       "held-out prompts (the SFT run's held-out tasks, never trained on); the first figure of each pair "
-      "is the SFT model's.\n\n" + _table(methods, cols)
+      "is the SFT model's (pass@k is sampled, with each method's own sampler batch, so its SFT figure "
+      "differs a little between methods).\n\n" + _table(methods, cols)
     )
   curves = overoptimization(workdir)
   for name, rows in curves.items():
