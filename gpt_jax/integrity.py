@@ -3,7 +3,7 @@
   <dir>/_INTEGRITY.json   {"format": 1, "files": {relative path: [size, crc32]}}
 
 A directory written in several steps (an orbax save, an import) gets its record last, once it is
-complete; a directory without a record, or whose files no longer match it (truncated, overwritten,
+complete; a directory without a record, or whose files do not match it (truncated, overwritten,
 removed by a bad disk or a partial copy), is reported with a one-line reason instead of being loaded.
 """
 

@@ -97,16 +97,22 @@ def _series(workdir: str, key: str) -> list[tuple[int, float]]:
   return sorted(out.items())
 
 
-def _plot_lines(path: str, title: str, lines, xlabel: str = "step") -> bool:
-  """Draws [(label, [(x, y)])] into a PNG; False when there is nothing to draw."""
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend (PNG files, no display)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def _plot_lines(path: str, title: str, lines, xlabel: str = "step") -> bool:
+  """Draws [(label, [(x, y)])] into a PNG; False when there is nothing to draw."""
   lines = [(label, pts) for label, pts in lines if pts]
   if not lines:
     return False
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for label, pts in lines:
     xs, ys = zip(*pts)
@@ -141,13 +147,9 @@ def _plot_overoptimization(path: str, curves: dict[str, list[dict]]) -> bool:
   """Proxy reward (left axis) and gold accuracy (right axis) against sqrt(KL), each evaluation labelled
   with its iteration and gold's peak marked: the two differ in scale, and KL is not monotone in the
   iteration, so the labels give the order. False when there is nothing to draw."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   if not curves:
     return False
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   gold_ax = ax.twinx()
   handles = []
@@ -201,7 +203,7 @@ def overoptimization(workdir: str) -> dict[str, list[dict]]:
     if not on_rm:
       continue
     d = os.path.join(workdir, name)
-    kl = _series(d, _kl_key(d, stage))
+    kl = _kl_series(d, stage)
     proxy, gold = dict(_series(d, "eval/reward")), dict(_series(d, "eval/gold_accuracy"))
     rows, prev = [], 0
     for it in sorted(set(proxy) & set(gold)):
@@ -217,10 +219,10 @@ def overoptimization(workdir: str) -> dict[str, list[dict]]:
   return out
 
 
-def _kl_key(d: str, stage: str) -> str:
-  """The metric of an RL run's KL to the reference that the report reads: the k3 estimate (PPO logs it
-  as kl_k3 beside the penalty's log-ratio; GRPO's kl is k3), else the one there is."""
-  return f"{stage}/kl_k3" if _series(d, f"{stage}/kl_k3") else f"{stage}/kl"
+def _kl_series(d: str, stage: str) -> list[tuple[int, float]]:
+  """An RL run's KL to the reference as the report reads it: the k3 estimate (PPO logs it as kl_k3
+  beside the penalty's log-ratio; GRPO's kl is k3), else the one there is."""
+  return _series(d, f"{stage}/kl_k3") or _series(d, f"{stage}/kl")
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -263,9 +265,9 @@ def methods_table(workdir: str) -> list[dict]:
     passes = sorted({k for r in _records(d) for k in r if k.startswith("eval/pass_at_")})
     if passes:
       row["pass"] = f"{passes[0][10:]}: {_first_last(d, passes[0])}"
-    kl = _last(d, _kl_key(d, stage))
-    if kl is not None:
-      row["kl"] = kl
+    kl = _kl_series(d, stage)
+    if kl:
+      row["kl"] = kl[-1][1]
     if stage == "dpo":
       row["reward"] = f"implicit-reward accuracy {_first_last(d, 'eval/reward_accuracy')}"
     elif _series(d, "eval/reward"):

@@ -175,10 +175,10 @@ def test_dpo_loss_hand_computed_and_gradient_sign():
 def test_ipo_loss_hand_computed():
   pc, pr = jnp.array([-1.0]), jnp.array([-2.0])
   rc, rr = jnp.array([-1.5]), jnp.array([-1.5])
-  beta = 0.25  # target margin 1 / (2 beta) = 2; h = 1.0
+  beta = 0.25  # IPO's margin 1 / (2 beta) = 2; h = 1.0
   loss_sum, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=beta, kind="ipo")
   assert float(loss_sum) == pytest.approx((1.0 - 2.0) ** 2, rel=1e-6)
   g = jax.grad(lambda x: losses.dpo_loss(x, pr, rc, rr, beta=beta, kind="ipo")[0])(pc)
-  assert float(g[0]) == pytest.approx(2 * (1.0 - 2.0), rel=1e-6)  # below the target: push chosen up
+  assert float(g[0]) == pytest.approx(2 * (1.0 - 2.0), rel=1e-6)  # below IPO's margin: push chosen up
   with pytest.raises(ValueError, match="kind must be"):
     losses.dpo_loss(pc, pr, rc, rr, kind="hinge")

@@ -7,7 +7,7 @@ Legend: B batch rows, T time (sequence length).
   positions    int32   (B, T)  position of each token inside its document (resets at each packed document)
   segment_ids  int32   (B, T)  document number inside the row, 1, 2, ...; 0 marks padding.
                                Tokens attend only to earlier tokens of the same segment.
-  loss_mask    float32 (B, T)  1 where the target counts in the loss, 0 elsewhere (padding, prompts)
+  loss_mask    float32 (B, T)  1 where the label counts in the loss, 0 elsewhere (padding, prompts)
 
 Comparison batches (reward modeling) and rollout batches (PPO) add their own keys beside these.
 """

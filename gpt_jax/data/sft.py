@@ -7,7 +7,7 @@ the assistant tokens (content and its <|end_of_turn|>) count in the loss.
 Packing: conversations are placed greedily, first fit, into rows of seq_len + 1 tokens (inputs are
 the first seq_len, targets the last seq_len). Inside a row each conversation gets its own segment id
 (1, 2, ...; 0 is padding) and positions that restart at 0, so no token attends across
-conversations; the target that would cross into the next conversation is masked.
+conversations; the label that would cross into the next conversation is masked.
 
 Legend: B batch rows, T time (seq_len), N conversations, R packed rows.
 """
